@@ -1,0 +1,514 @@
+"""`RLHFJob.spec`: what to train, on what data, on which cluster, with which parallelism.
+
+Cross-field rules are written once in ``RULES`` below: each is a CEL expression that goes into
+the CRD (so the API server rejects a bad manifest at `kubectl apply`) and a Python predicate that
+pydantic runs (so `rlhf run` and the operator reject the same manifest with the same message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_operator.api.common import ApiModel, ResourceRequirements, SecretRef, Toleration
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/rlhf-trainer:0.1.0"
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "optimizer", "parameters"]
+
+
+# --------------------------------------------------------------------------- model, storage
+
+
+class ModelSpec(ApiModel):
+    """The base model every stage starts from."""
+
+    base: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Hugging Face model id (gpt2), local path, pvc://claim/path or s3://bucket/key.",
+    )
+    tokenizer: str | None = Field(
+        default=None, max_length=1024, description="Tokenizer id or path; defaults to `base`."
+    )
+    revision: str | None = Field(
+        default=None, max_length=256, description="Hub revision (branch, tag or commit) of `base`."
+    )
+
+
+class StorageSpec(ApiModel):
+    """Where checkpoints, stage models and reports are written."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description=(
+            "s3://bucket/prefix, pvc://claim/subpath, or (local runs only) a directory path. "
+            "Each stage writes to <uri>/<job>/<stage>/."
+        ),
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret whose keys become env vars of the Ray pods (e.g. AWS_ACCESS_KEY_ID).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="S3-compatible endpoint URL (MinIO, Nutanix Objects); AWS when empty.",
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetSpec(ApiModel):
+    """Common dataset location: a Hugging Face dataset id or a local JSON/JSONL/Parquet path."""
+
+    uri: str = Field(min_length=1, description="Dataset id (imdb) or path to JSON/JSONL/Parquet.")
+    split: str = Field(default="train", description="Split to train on.")
+    test_split: str | None = Field(
+        default=None,
+        description="Held-out split; when empty, `evalFraction` of `split` is held out.",
+    )
+    eval_fraction: float = Field(
+        default=0.1, ge=0.0, le=0.5, description="Fraction held out when `testSplit` is empty."
+    )
+
+
+class SFTDataset(DatasetSpec):
+    """Demonstrations: a prompt and the response to imitate."""
+
+    prompt_field: str = Field(default="prompt", description="Column holding the prompt.")
+    response_field: str = Field(default="response", description="Column holding the response.")
+
+
+class PreferenceDataset(DatasetSpec):
+    """Preference pairs: for one prompt, a chosen and a rejected response."""
+
+    prompt_field: str | None = Field(
+        default="prompt", description="Column holding the prompt; null when responses include it."
+    )
+    chosen_field: str = Field(default="chosen", description="Column of the preferred response.")
+    rejected_field: str = Field(default="rejected", description="Column of the other response.")
+
+
+class PromptDataset(DatasetSpec):
+    """Prompts to generate from (PPO rollouts, evaluation)."""
+
+    prompt_field: str = Field(default="prompt", description="Column holding the prompt.")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class TrainingSchedule(ApiModel):
+    """Optimisation settings shared by the supervised stages (SFT, reward)."""
+
+    epochs: int = Field(default=1, ge=1, le=100, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (caps `epochs`)."
+    )
+    learning_rate: float = Field(default=1e-5, gt=0, le=1, description="AdamW peak learning rate.")
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, le=0.5, description="Fraction of steps with linear LR warm-up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int = Field(
+        default=32, ge=1, description="Global batch size per optimizer step, over all workers."
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Per-worker batch per forward pass; the rest is gradient accumulation. "
+        "Defaults to batchSize / workers.",
+    )
+    max_seq_len: int = Field(default=512, ge=8, le=131072, description="Tokens per sequence.")
+    checkpoint_every_steps: int = Field(
+        default=200, ge=1, description="Save a resumable checkpoint every this many steps."
+    )
+
+
+class SFTStage(TrainingSchedule):
+    """Supervised fine-tuning of the base model on demonstrations (loss on response tokens)."""
+
+    enabled: bool = Field(default=True, description="Run this stage.")
+    dataset: SFTDataset | None = Field(default=None, description="Demonstrations to imitate.")
+
+
+class RewardStage(TrainingSchedule):
+    """Reward model: a scalar head on the SFT (or base) backbone, trained on preference pairs."""
+
+    enabled: bool = Field(default=True, description="Run this stage.")
+    dataset: PreferenceDataset | None = Field(default=None, description="Preference pairs.")
+    model: str | None = Field(
+        default=None,
+        description="A pretrained reward model (id or path): training is skipped and PPO uses it.",
+    )
+
+
+class GenerationSpec(ApiModel):
+    """Sampling settings for rollouts and evaluation."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=8192, description="Tokens generated.")
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
+    top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 disables it.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling; 1 disables it.")
+
+
+class PPOStage(ApiModel):
+    """Proximal Policy Optimisation of the SFT policy against the reward model."""
+
+    enabled: bool = Field(default=True, description="Run this stage.")
+    prompts: PromptDataset | None = Field(default=None, description="Prompts for rollouts.")
+    steps: int = Field(default=100, ge=1, description="PPO iterations (rollout + update).")
+    rollout_batch_size: int = Field(
+        default=64, ge=1, description="Prompts sampled per iteration, over all workers."
+    )
+    mini_batch_size: int | None = Field(
+        default=None, ge=1, description="Per-worker minibatch of a PPO update; whole shard if empty."
+    )
+    ppo_epochs: int = Field(default=4, ge=1, le=64, description="Passes over each rollout batch.")
+    learning_rate: float = Field(default=1e-6, gt=0, le=1, description="Policy learning rate.")
+    value_learning_rate: float | None = Field(
+        default=None, gt=0, le=1, description="Value-model learning rate; defaults to the policy's."
+    )
+    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
+    target_kl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Adaptive KL control target (Ziegler et al.); empty keeps `klCoef` fixed.",
+    )
+    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive KL controller horizon.")
+    clip_range: float = Field(default=0.2, gt=0, le=1, description="PPO policy ratio clip.")
+    value_clip_range: float = Field(default=0.2, gt=0, description="Value prediction clip.")
+    value_loss_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    max_prompt_len: int = Field(default=256, ge=1, description="Prompt tokens kept (left-cut).")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Sampling for rollouts."
+    )
+    checkpoint_every_steps: int = Field(
+        default=20, ge=1, description="Save a resumable checkpoint every this many iterations."
+    )
+
+
+class EvaluationStage(ApiModel):
+    """Compare the SFT and the PPO policy on held-out prompts, scored by the reward model."""
+
+    enabled: bool = Field(default=True, description="Run this stage.")
+    prompts: PromptDataset | None = Field(
+        default=None, description="Held-out prompts; defaults to the held-out part of PPO prompts."
+    )
+    num_prompts: int = Field(default=64, ge=1, description="Prompts evaluated.")
+    samples_per_prompt: int = Field(
+        default=4, ge=1, le=64, description="Responses sampled per prompt and policy."
+    )
+    generation: GenerationSpec | None = Field(
+        default=None, description="Sampling settings; defaults to PPO's."
+    )
+
+
+class Stages(ApiModel):
+    """The pipeline; enabled stages run in this order: sft, reward, ppo, evaluation."""
+
+    sft: SFTStage = Field(default_factory=SFTStage, description="Supervised fine-tuning.")
+    reward: RewardStage = Field(default_factory=RewardStage, description="Reward model.")
+    ppo: PPOStage = Field(default_factory=PPOStage, description="PPO.")
+    evaluation: EvaluationStage = Field(
+        default_factory=EvaluationStage, description="Evaluation."
+    )
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class HeadSpec(ApiModel):
+    """The Ray head pod (schedules work, runs stage drivers; no GPU)."""
+
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "8Gi"}
+        ),
+        description="Head container resources.",
+    )
+
+
+class WorkerSpec(ApiModel):
+    """The Ray worker group: one training worker per replica."""
+
+    replicas: int = Field(default=1, ge=1, le=1024, description="Workers (data-parallel ranks).")
+    gpus_per_worker: int = Field(
+        default=0, ge=0, le=16, description="`nvidia.com/gpu` per worker; 0 trains on CPU."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"}
+        ),
+        description="Worker container resources (GPUs come from `gpusPerWorker`).",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the workers must run on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the workers tolerate (e.g. GPU node pools)."
+    )
+    affinity: dict | None = Field(
+        default=None,
+        description="A Kubernetes Affinity object for the workers (node/pod (anti-)affinity).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class ClusterSpec(ApiModel):
+    """The Ray cluster (KubeRay RayCluster) that runs every stage of the job."""
+
+    image: str = Field(
+        default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image for head and workers."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the Ray pods."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        description="ServiceAccount of the Ray pods (progress reporting); the chart's trainer "
+        "account when empty.",
+    )
+    head: HeadSpec = Field(default_factory=HeadSpec, description="Ray head pod.")
+    workers: WorkerSpec = Field(default_factory=WorkerSpec, description="Ray worker group.")
+
+
+# --------------------------------------------------------------------------- parallelism, policy
+
+
+class ParallelismSpec(ApiModel):
+    """How each stage is sharded over the workers (DeepSpeed ZeRO data parallelism)."""
+
+    strategy: Literal["deepspeed"] = Field(
+        default="deepspeed", description="Sharding engine (DeepSpeed ZeRO)."
+    )
+    zero_stage: int = Field(
+        default=2, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params."
+    )
+    offload: Offload = Field(
+        default="none", description="Offload to CPU: optimizer states, or parameters too (ZeRO-3)."
+    )
+    precision: Precision = Field(default="bf16", description="Training precision.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward to save memory."
+    )
+
+
+class WarmPoolSpec(ApiModel):
+    """Keep the finished job's Ray cluster warm for the next job with the same shape."""
+
+    keep_alive_seconds: int = Field(
+        default=0, ge=0, le=86400, description="Seconds a finished cluster stays claimable; 0 = delete."
+    )
+    pool: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Explicit pool name: only jobs naming the same pool share clusters.",
+    )
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines, clean-up and suspension."""
+
+    backoff_limit: int = Field(
+        default=2, ge=0, le=20, description="Retries per stage before the job fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job if it runs longer than this."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the RLHFJob this long after it finished."
+    )
+    suspend: bool = Field(
+        default=False, description="Suspend: stop the running stage and release the cluster."
+    )
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule: CEL for the API server, a predicate for Python. Same message."""
+
+    cel: str
+    check: Callable[[RLHFJobSpec], bool]
+    message: str
+    field_path: str
+
+
+def _divides(schedule: TrainingSchedule, replicas: int) -> bool:
+    micro = schedule.micro_batch_size or max(schedule.batch_size // replicas, 1)
+    return schedule.batch_size % (micro * replicas) == 0
+
+
+def _divides_cel(stage: str) -> str:
+    s, r = f"self.stages.{stage}", "self.cluster.workers.replicas"
+    return (
+        f"has({s}.microBatchSize) ? {s}.batchSize % ({s}.microBatchSize * {r}) == 0"
+        f" : {s}.batchSize % {r} == 0"
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        cel="self.stages.sft.enabled || self.stages.reward.enabled || self.stages.ppo.enabled"
+        " || self.stages.evaluation.enabled",
+        check=lambda s: any(
+            (s.stages.sft.enabled, s.stages.reward.enabled, s.stages.ppo.enabled,
+             s.stages.evaluation.enabled)
+        ),
+        message="spec.stages: every stage is disabled; enable at least one stage.",
+        field_path=".stages",
+    ),
+    Rule(
+        cel="!self.stages.sft.enabled || has(self.stages.sft.dataset)",
+        check=lambda s: not s.stages.sft.enabled or s.stages.sft.dataset is not None,
+        message="spec.stages.sft.dataset is required when SFT is enabled; set it or set "
+        "spec.stages.sft.enabled: false.",
+        field_path=".stages.sft.dataset",
+    ),
+    Rule(
+        cel="!self.stages.reward.enabled || has(self.stages.reward.model)"
+        " || has(self.stages.reward.dataset)",
+        check=lambda s: not s.stages.reward.enabled
+        or s.stages.reward.model is not None
+        or s.stages.reward.dataset is not None,
+        message="spec.stages.reward.dataset is required to train a reward model; set it, or set "
+        "spec.stages.reward.model to a pretrained reward model.",
+        field_path=".stages.reward.dataset",
+    ),
+    Rule(
+        cel="!self.stages.ppo.enabled || self.stages.reward.enabled"
+        " || has(self.stages.reward.model)",
+        check=lambda s: not s.stages.ppo.enabled
+        or s.stages.reward.enabled
+        or s.stages.reward.model is not None,
+        message="spec.stages.ppo needs a reward model: enable spec.stages.reward or set "
+        "spec.stages.reward.model to a pretrained reward model.",
+        field_path=".stages.reward",
+    ),
+    Rule(
+        cel="!self.stages.ppo.enabled || has(self.stages.ppo.prompts)",
+        check=lambda s: not s.stages.ppo.enabled or s.stages.ppo.prompts is not None,
+        message="spec.stages.ppo.prompts is required when PPO is enabled; set it or set "
+        "spec.stages.ppo.enabled: false.",
+        field_path=".stages.ppo.prompts",
+    ),
+    Rule(
+        cel="!self.stages.evaluation.enabled || self.stages.ppo.enabled",
+        check=lambda s: not s.stages.evaluation.enabled or s.stages.ppo.enabled,
+        message="spec.stages.evaluation compares the PPO policy with the SFT policy: enable "
+        "spec.stages.ppo or set spec.stages.evaluation.enabled: false.",
+        field_path=".stages.evaluation.enabled",
+    ),
+    Rule(
+        cel="self.parallelism.offload != 'parameters' || self.parallelism.zeroStage == 3",
+        check=lambda s: s.parallelism.offload != "parameters" or s.parallelism.zero_stage == 3,
+        message="spec.parallelism.offload: parameters requires spec.parallelism.zeroStage: 3.",
+        field_path=".parallelism.offload",
+    ),
+    Rule(
+        cel="self.parallelism.offload != 'optimizer' || self.parallelism.zeroStage >= 1",
+        check=lambda s: s.parallelism.offload != "optimizer" or s.parallelism.zero_stage >= 1,
+        message="spec.parallelism.offload: optimizer requires spec.parallelism.zeroStage >= 1.",
+        field_path=".parallelism.offload",
+    ),
+    Rule(
+        cel="self.parallelism.precision != 'fp16' || self.cluster.workers.gpusPerWorker > 0",
+        check=lambda s: s.parallelism.precision != "fp16" or s.cluster.workers.gpus_per_worker > 0,
+        message="spec.parallelism.precision: fp16 needs GPUs; use bf16 or fp32 on CPU workers "
+        "(spec.cluster.workers.gpusPerWorker: 0).",
+        field_path=".parallelism.precision",
+    ),
+    *(
+        Rule(
+            cel=_divides_cel(stage),
+            check=lambda s, stage=stage: _divides(
+                getattr(s.stages, stage), s.cluster.workers.replicas
+            ),
+            message=f"spec.stages.{stage}.batchSize must be a multiple of microBatchSize x "
+            "spec.cluster.workers.replicas; change the batch size or the micro-batch size.",
+            field_path=f".stages.{stage}.batchSize",
+        )
+        for stage in ("sft", "reward")
+    ),
+    Rule(
+        cel="self.stages.ppo.rolloutBatchSize % self.cluster.workers.replicas == 0",
+        check=lambda s: s.stages.ppo.rollout_batch_size % s.cluster.workers.replicas == 0,
+        message="spec.stages.ppo.rolloutBatchSize must be a multiple of "
+        "spec.cluster.workers.replicas (each worker rolls out an equal share).",
+        field_path=".stages.ppo.rolloutBatchSize",
+    ),
+)
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+def _immutable(field: str) -> dict:
+    """CEL transition rule: a running pipeline cannot change what it trains or where."""
+    return {
+        "x-kubernetes-validations": [
+            {
+                "rule": "self == oldSelf",
+                "message": f"spec.{field} is immutable; create a new RLHFJob to change it.",
+            }
+        ]
+    }
+
+
+class RLHFJobSpec(ApiModel):
+    """Desired state of an RLHFJob: one pipeline SFT -> reward -> PPO -> evaluation."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": r.cel, "message": r.message, "fieldPath": r.field_path} for r in RULES
+            ]
+        }
+    }
+
+    model: ModelSpec = Field(description="Base model.", json_schema_extra=_immutable("model"))
+    storage: StorageSpec = Field(
+        description="Artifact and checkpoint storage.", json_schema_extra=_immutable("storage")
+    )
+    # stages and cluster hold unbounded lists and maps: a CEL `==` on them would exceed the API
+    # server's cost budget, so the operator (not CEL) ignores their changes after start.
+    stages: Stages = Field(default_factory=Stages, description="Pipeline stages.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Ray cluster.")
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec,
+        description="DeepSpeed ZeRO settings.",
+        json_schema_extra=_immutable("parallelism"),
+    )
+    warm_pool: WarmPoolSpec = Field(
+        default_factory=WarmPoolSpec, description="Reuse of finished clusters across jobs."
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries and lifecycle.")
+    seed: int = Field(default=42, ge=0, description="Random seed of every stage.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RLHFJobSpec:
+        broken = [r.message for r in RULES if not r.check(self)]
+        if broken:
+            raise ValueError(" ".join(broken))
+        return self
+
+    def enabled_stages(self) -> list[str]:
+        """Names of the enabled stages, in pipeline order."""
+        return [name for name in STAGE_ORDER if getattr(self.stages, name).enabled]
+
+
+STAGE_ORDER: tuple[str, ...] = ("sft", "reward", "ppo", "evaluation")
+StageName = Literal["sft", "reward", "ppo", "evaluation"]

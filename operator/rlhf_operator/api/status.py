@@ -1,0 +1,98 @@
+"""`RLHFJob.status`: written by the operator (and the trainer's progress reports), read by users.
+
+`phase`/`stage` drive the operator's state machine; `progress` and `reward` are the flat strings
+behind the PROGRESS and REWARD printer columns (JSONPath columns cannot compute).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlhf_operator.api.common import ApiModel
+
+Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+
+def is_terminal(phase: str | None) -> bool:
+    """True once a job can make no more progress (Succeeded or Failed)."""
+    return phase in TERMINAL_PHASES
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (Valid, ClusterReady, <Stage>Complete, Succeeded, Failed)."""
+
+    type: str = Field(description="Condition type.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time.")
+    observed_generation: int | None = Field(default=None, description="Generation observed.")
+
+
+class Progress(ApiModel):
+    """How far the running stage is (reported by the trainer)."""
+
+    percent: float = Field(default=0.0, ge=0, le=100, description="Percent of steps done.")
+    step: int = Field(default=0, ge=0, description="Steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Steps planned.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time left.")
+
+
+class StageStatus(ApiModel):
+    """One stage of the pipeline."""
+
+    state: StageState = Field(default="Pending", description="Stage state.")
+    attempts: int = Field(default=0, ge=0, description="RayJob attempts started.")
+    start_time: str | None = Field(default=None, description="When the first attempt started.")
+    completion_time: str | None = Field(default=None, description="When the stage finished.")
+    ray_job: str | None = Field(default=None, description="RayJob of the current attempt.")
+    artifact: str | None = Field(default=None, description="Where the stage wrote its output.")
+    resumed_from_step: int | None = Field(
+        default=None, description="Checkpoint step the current attempt resumed from."
+    )
+    message: str | None = Field(default=None, description="Last failure reason.")
+    progress: Progress | None = Field(default=None, description="Live progress.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Latest metrics (loss, accuracy, reward, kl, ...)."
+    )
+
+
+class ClusterStatus(ApiModel):
+    """The Ray cluster running the job."""
+
+    name: str | None = Field(default=None, description="RayCluster name.")
+    reused: bool = Field(default=False, description="Claimed from a warm pool.")
+    dashboard_url: str | None = Field(
+        default=None, alias="dashboardURL", description="Ray dashboard URL inside the cluster."
+    )
+
+
+class EvaluationSummary(ApiModel):
+    """Headline result of the evaluation stage."""
+
+    win_rate: float | None = Field(default=None, description="RLHF beats SFT, fraction of prompts.")
+    mean_reward_before: float | None = Field(default=None, description="Mean reward, SFT policy.")
+    mean_reward_after: float | None = Field(default=None, description="Mean reward, PPO policy.")
+
+
+class RLHFJobStatus(ApiModel):
+    """Observed state of an RLHFJob."""
+
+    phase: Phase = Field(default="Pending", description="Lifecycle phase.")
+    stage: str | None = Field(default=None, description="Stage running or last run.")
+    message: str | None = Field(default=None, description="Why the job is in this phase.")
+    progress: str | None = Field(default=None, description="Column text, e.g. 'ppo 2/4 45%'.")
+    reward: str | None = Field(default=None, description="Column text: latest mean reward.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    stages: dict[str, StageStatus] = Field(default_factory=dict, description="Per-stage status.")
+    cluster: ClusterStatus = Field(default_factory=ClusterStatus, description="Ray cluster.")
+    evaluation: EvaluationSummary | None = Field(default=None, description="Evaluation result.")
+    start_time: str | None = Field(default=None, description="When the job started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    observed_generation: int | None = Field(default=None, description="Spec generation seen.")

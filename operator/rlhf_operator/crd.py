@@ -1,0 +1,185 @@
+"""Generate the RLHFJob CustomResourceDefinition from the pydantic models (`make crds`).
+
+pydantic emits JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema. The conversion is
+small and specific (inline `$ref`, `anyOf [T, null]` -> `nullable`, int-or-string, factory
+defaults so the API server fills the same defaults pydantic does), so it is written here rather than
+pulled in from a general-purpose library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema
+
+from rlhf_operator.api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from rlhf_operator.api.spec import RLHFJobSpec
+from rlhf_operator.api.status import RLHFJobStatus
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / f"{GROUP}_{PLURAL}.yaml"
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+    {"name": "Reward", "type": "string", "jsonPath": ".status.reward"},
+    {"name": "Cluster", "type": "string", "jsonPath": ".status.cluster.name"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+_DROP = {"title", "additionalProperties", "$defs"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Rewrite one pydantic JSON-schema node into its structural OpenAPI v3 form."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    if "anyOf" in node:
+        variants = [v for v in node["anyOf"] if v.get("type") != "null"]
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        types = {v.get("type") for v in variants}
+        if types == {"integer", "string"}:
+            out = {"x-kubernetes-int-or-string": True}
+        elif len(variants) == 1:
+            out = _structural(variants[0], defs)
+        else:
+            raise ValueError(f"cannot express anyOf {node['anyOf']} structurally")
+        out = {**out, **_structural(rest, defs)}
+        if len(variants) < len(node["anyOf"]):
+            out["nullable"] = True
+        if out.get("default", 0) is None:
+            del out["default"]
+        return out
+
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP and not (key == "additionalProperties" and isinstance(value, dict)):
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key == "properties":
+            out[key] = {name: _structural(prop, defs) for name, prop in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value, defs)
+        else:
+            out[key] = value
+    if out.get("default", 0) is None:
+        del out["default"]
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+class _FactoryDefaults(GenerateJsonSchema):
+    """Also emit defaults made by `default_factory`, so the API server fills what pydantic fills.
+
+    A nested model whose factory is its own plain constructor becomes `default: {}` (its fields
+    carry their own defaults); anything else is emitted in full (e.g. the worker resources).
+    """
+
+    def default_schema(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            value = factory()
+            if isinstance(value, BaseModel):
+                plain = value == type(value)()
+                value = {} if plain else value.model_dump(mode="json", by_alias=True, exclude_none=True)
+            schema = {k: v for k, v in schema.items() if k != "default_factory"} | {"default": value}
+        return super().default_schema(schema)
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural schema of one pydantic model (by alias, as on the wire)."""
+    raw = model.model_json_schema(
+        by_alias=True, mode="validation", schema_generator=_FactoryDefaults
+    )
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def build_crd() -> dict[str, Any]:
+    """The full CustomResourceDefinition manifest."""
+    spec_schema = openapi_schema(RLHFJobSpec)
+    status_schema = openapi_schema(RLHFJobStatus)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["all", "rlhf"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A whole RLHF pipeline (SFT, reward model, PPO, evaluation) on one Ray cluster.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Repeated defaults are written out in full: `&id001` anchors confuse readers and tools."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render_crd() -> str:
+    header = "# Generated by `make crds` from rlhf_operator.api — do not edit by hand.\n"
+    return header + yaml.dump(build_crd(), Dumper=_NoAliasDumper, sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if crds/ is out of date")
+    args = parser.parse_args(argv)
+    rendered = render_crd()
+    if args.check:
+        if not CRD_FILE.exists() or CRD_FILE.read_text() != rendered:
+            print(f"{CRD_FILE} is out of date: run `make crds`", file=sys.stderr)
+            return 1
+        return 0
+    CRD_FILE.parent.mkdir(parents=True, exist_ok=True)
+    CRD_FILE.write_text(rendered)
+    print(f"wrote {CRD_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
