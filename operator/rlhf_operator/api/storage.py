@@ -1,0 +1,48 @@
+"""Where a job's artifacts live: one function, shared by the operator (status, mounts) and the
+trainer (reads and writes), so both always agree on the layout.
+
+    <storage.uri>/<job name>/<stage>/          a stage's artifact (model/, checkpoints/, reports)
+
+`pvc://claim/sub/path` is mounted into every Ray pod at `PVC_MOUNT_ROOT/<claim>`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+PVC_SCHEME = "pvc"
+PVC_MOUNT_ROOT = "/mnt/rlhf"
+REMOTE_SCHEMES = frozenset({"s3", "gs", "gcs", "abfs", "az"})
+
+
+def artifact_uri(storage_uri: str, job_name: str, stage: str) -> str:
+    """The URI a stage of a job writes to (and the next stage reads from)."""
+    return f"{storage_uri.rstrip('/')}/{job_name}/{stage}"
+
+
+def pvc_claim(storage_uri: str) -> str | None:
+    """The PersistentVolumeClaim named by a `pvc://claim/...` URI, else None."""
+    parsed = urlparse(storage_uri)
+    return parsed.netloc or None if parsed.scheme == PVC_SCHEME else None
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path behind a URI inside a Ray pod or on a laptop.
+
+    `pvc://claim/sub` -> `/mnt/rlhf/claim/sub`; `file:///x` -> `/x`; plain paths unchanged.
+    Remote object-store URIs (s3://...) have no local path: callers use pyarrow/fsspec for them.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == PVC_SCHEME:
+        return f"{PVC_MOUNT_ROOT}/{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "file":
+        return parsed.path
+    if parsed.scheme in REMOTE_SCHEMES:
+        raise ValueError(f"{uri} is remote object storage; it has no local path")
+    return uri
+
+
+def is_cluster_reachable(storage_uri: str) -> bool:
+    """True when every pod of a cluster can reach the URI (shared volume or object store)."""
+    scheme = urlparse(storage_uri).scheme
+    return scheme == PVC_SCHEME or scheme in REMOTE_SCHEMES
