@@ -44,6 +44,42 @@ class Progress(ApiModel):
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time left.")
 
 
+HISTORY_LIMIT = 50
+"""Most points a stage's `history` keeps (bounded: status objects must stay small)."""
+
+HISTORY_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": ("loss",),
+    "reward": ("loss", "accuracy"),
+    "ppo": ("reward_mean", "kl"),
+}
+"""Metrics a stage keeps a curve of in `history` (the `kubectl rlhf status` sparklines)."""
+
+
+class HistoryPoint(ApiModel):
+    """One point of a stage's metric curve."""
+
+    step: int = Field(ge=0, description="Training step of the point.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Values of the stage's curve metrics at that step."
+    )
+
+
+def append_history(
+    history: list[HistoryPoint], point: HistoryPoint, limit: int = HISTORY_LIMIT
+) -> list[HistoryPoint]:
+    """`history` plus `point`, never longer than `limit`, still spanning the whole run.
+
+    When full, the inner point whose removal leaves the smallest gap in steps is dropped: the
+    curve keeps its start and end and thins out evenly, instead of forgetting the start of a long
+    run (a plain ring buffer would) — a few dozen points draw a sparkline of any length of run.
+    """
+    points = [*history, point]
+    while len(points) > max(limit, 2):
+        gaps = [points[i + 1].step - points[i - 1].step for i in range(1, len(points) - 1)]
+        del points[1 + gaps.index(min(gaps))]
+    return points
+
+
 class StageStatus(ApiModel):
     """One stage of the pipeline."""
 
@@ -60,6 +96,11 @@ class StageStatus(ApiModel):
     progress: Progress | None = Field(default=None, description="Live progress.")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Latest metrics (loss, accuracy, reward, kl, ...)."
+    )
+    history: list[HistoryPoint] = Field(
+        default_factory=list,
+        max_length=HISTORY_LIMIT,
+        description="Bounded curve of the stage's key metrics (reported by the trainer).",
     )
 
 
