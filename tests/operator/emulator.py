@@ -1,0 +1,217 @@
+"""KMock's Kubernetes emulator plus the API-server semantics that warm pools and restarts rely on.
+
+KMock 0.8's `KubernetesEmulator` merges JSON naively and never versions objects. A warm-pool claim
+is only atomic because the real API server refuses a write whose `metadata.resourceVersion` is
+stale, so this subclass adds exactly that, the way the API server does it:
+
+- every create and every write gets a new `metadata.resourceVersion` (one global counter, a
+  string, as in etcd); a create also gets a `metadata.uid` and a `creationTimestamp`;
+- a merge-patch that carries `metadata.resourceVersion` is a precondition: a stale one is
+  refused with 409 Conflict and the object is left untouched;
+- a JSON-patch is applied all-or-nothing: a failed `test` op (kopf's own optimistic-concurrency
+  check) is refused with 422, as the API server does;
+- a DELETE with `preconditions.resourceVersion` (DeleteOptions) is refused with 409 when stale;
+  marking an object with finalizers for deletion is a write too (new resourceVersion).
+
+The check and the write happen under one lock, so two racing writers cannot both pass.
+
+For the restart tests it also holds "tripwires": stop a matching write either before it lands
+(the operator died before sending it) or right after it landed (the operator died before it saw
+the answer), until the test has killed the operator. Everything else is KMock's own behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp.web
+import attrs
+import jsonpatch
+import kmock
+from kmock._internal import rendering
+
+WRITES = frozenset({kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE})
+
+
+@attrs.frozen
+class ConflictError(kmock.KubernetesError):
+    """409 Conflict: the write's resourceVersion precondition no longer holds."""
+
+    status: int = 409
+    reason: str = "Conflict"
+
+
+@attrs.frozen
+class InvalidError(kmock.KubernetesError):
+    """422 Invalid: a JSON-patch that cannot be applied (e.g. a failed `test` op)."""
+
+    status: int = 422
+    reason: str = "Invalid"
+
+
+@attrs.frozen
+class ServiceUnavailableError(kmock.KubernetesError):
+    """503: a request that never reached storage (the operator was killed before sending it)."""
+
+    status: int = 503
+    reason: str = "ServiceUnavailable"
+    message: str = "the request was dropped by a tripwire"
+
+
+@dataclass
+class Tripwire:
+    """Stops the first write matching `matches` and holds it until `release()`.
+
+    `landed=True`: the write is stored first (the operator dies before reading the answer);
+    `landed=False`: the write never lands (the operator dies before sending it).
+    """
+
+    matches: Callable[[rendering.Request], bool]
+    landed: bool
+    tripped: asyncio.Event = field(default_factory=asyncio.Event)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    request: rendering.Request | None = None
+
+    def release(self) -> None:
+        """Let the held request finish (its client is gone by then)."""
+        self._released.set()
+
+    async def _hold(self, request: rendering.Request) -> None:
+        self.request = request
+        self.tripped.set()
+        await self._released.wait()
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """`kmock.KubernetesEmulator` with resourceVersions, preconditions and tripwires."""
+
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    _tripwires: list[Tripwire] = attrs.field(factory=list, init=False)
+
+    def tripwire(
+        self, matches: Callable[[rendering.Request], bool], *, landed: bool = True
+    ) -> Tripwire:
+        """Arm a one-shot tripwire on the next write that `matches` (see `Tripwire`)."""
+        wire = Tripwire(matches=matches, landed=landed)
+        self._tripwires.append(wire)
+        return wire
+
+    def release_all(self) -> None:
+        """Release every held request (teardown: no client waits forever)."""
+        for wire in self._tripwires:
+            wire.release()
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is None or request.action not in WRITES:
+            return await super()._handle(request)
+        wire = self._take_tripwire(request)
+        if wire is not None and not wire.landed:
+            await wire._hold(request)
+            raise ServiceUnavailableError()
+        async with self._write_lock:
+            request = await self._apply_preconditions(request)
+            response = await super()._handle(request)
+        if wire is not None:
+            await wire._hold(request)
+        return response
+
+    def _take_tripwire(self, request: rendering.Request) -> Tripwire | None:
+        for wire in self._tripwires:
+            if not wire.tripped.is_set() and wire.request is None and wire.matches(request):
+                wire.request = request  # claimed by this request: one-shot
+                return wire
+        return None
+
+    async def _apply_preconditions(self, request: rendering.Request) -> rendering.Request:
+        """Refuse a stale write (409/422), else return the request stamped with a new version."""
+        version = str(next(self._versions))
+        async with self._lock:
+            current = self._current(request)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            meta = {
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": _now(),
+                **((request.data or {}).get("metadata") or {}),
+                "resourceVersion": version,
+            }
+            return _with_data(request, {**request.data, "metadata": meta})
+        if current is None:
+            return request  # KMock answers 404 itself
+        if request.action == kmock.action.DELETE:
+            wanted = ((request.data or {}).get("preconditions") or {}).get("resourceVersion")
+            _check_version(current, wanted, request)
+            await self._mark_deleted(request, current, version)
+            return request
+        if isinstance(request.data, list):  # JSON-patch: all ops or none, as the API server
+            try:
+                jsonpatch.apply_patch(copy.deepcopy(current), request.data)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise InvalidError(message=str(exc)) from exc
+            ops = [
+                *request.data,
+                {"op": "add", "path": "/metadata/resourceVersion", "value": version},
+            ]
+            return _with_data(request, ops)
+        if not isinstance(request.data, dict):
+            return request
+        meta = request.data.get("metadata") or {}
+        _check_version(current, meta.get("resourceVersion"), request)
+        return _with_data(
+            request, {**request.data, "metadata": {**meta, "resourceVersion": version}}
+        )
+
+    async def _mark_deleted(
+        self, request: rendering.Request, current: dict[str, Any], version: str
+    ) -> None:
+        """Setting deletionTimestamp on an object with finalizers is a write: new version."""
+        meta = current.get("metadata") or {}
+        if not meta.get("finalizers") or meta.get("deletionTimestamp"):
+            return  # KMock deletes it (or it is already marked)
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            obj = self._objects[key]
+            obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": version}})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+
+    def _current(self, request: rendering.Request) -> dict[str, Any] | None:
+        if request.name is None:
+            return None
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return None
+        return copy.deepcopy(self._objects[key].raw)
+
+
+def _check_version(current: dict[str, Any], wanted: str | None, request: rendering.Request) -> None:
+    have = (current.get("metadata") or {}).get("resourceVersion")
+    if wanted is not None and str(wanted) != have:
+        raise ConflictError(
+            message=(
+                f'Operation cannot be fulfilled on {request.resource.plural} "{request.name}": '
+                "the object has been modified; please apply your changes to the latest version "
+                "and try again"
+            ),
+        )
+
+
+def _with_data(request: rendering.Request, data: Any) -> rendering.Request:
+    """The same request (KMock matches requests by identity) carrying the server-stamped body.
+
+    The recorded request then shows what was stored (the new resourceVersion, uid), not the
+    client's precondition: assert on outcomes (409, stored labels), not on request bodies.
+    """
+    object.__setattr__(request, "data", data)  # Request is a frozen attrs class
+    return request
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
