@@ -1,0 +1,323 @@
+"""Pure builders: an RLHFJob in, the KubeRay manifests it needs out (dicts, no API calls).
+
+`build_raycluster` makes the one RayCluster a job runs on; `build_stage_rayjob` makes the RayJob
+of one attempt of one stage, pointed at that cluster with `clusterSelector`. Both are validated
+against the real KubeRay CRD schemas in tests/unit/test_builders.py.
+
+Security (ARCHITECTURE.md §4b): every pod meets the Kubernetes "restricted" Pod Security profile
+(non-root, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp, only
+emptyDir/PVC volumes). GPUs need no exception: the NVIDIA device plugin hands devices to an
+unprivileged container through the `nvidia.com/gpu` resource. Secrets are referenced by name
+(envFrom), never copied into a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from rlhf_operator import names
+from rlhf_operator.api import API_VERSION, KIND, RLHFJob
+from rlhf_operator.api.storage import PVC_MOUNT_ROOT, artifact_uri, pvc_claim
+
+GPU_RESOURCE = "nvidia.com/gpu"
+TRAINER_SERVICE_ACCOUNT = "rlhf-trainer"
+"""The chart's ServiceAccount for Ray pods when spec.cluster.serviceAccountName is empty."""
+
+WORKER_GROUP = "workers"
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+SUBMITTER_CONTAINER = "ray-job-submitter"
+DASHBOARD_PORT = 8265
+RAY_UID = 1000  # the `ray` user of rayproject/ray-based images (the trainer image builds on it)
+RAY_GID = 100
+SHM_VOLUME = "dshm"
+SUBMITTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def owner_reference(job_metadata: dict[str, Any]) -> dict[str, Any]:
+    """The ownerReference that ties a child to its RLHFJob (garbage-collected with it)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job_metadata["name"],
+        "uid": job_metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_labels(job: RLHFJob) -> dict[str, str]:
+    """Labels every child carries: whose it is and who manages it."""
+    return {names.LABEL_JOB: job.metadata.name, names.LABEL_MANAGED_BY: names.MANAGED_BY}
+
+
+def dashboard_url(cluster: str, namespace: str | None) -> str:
+    """The Ray dashboard inside the cluster (KubeRay's head Service is `<cluster>-head-svc`)."""
+    return f"http://{cluster}-head-svc.{namespace or 'default'}.svc:{DASHBOARD_PORT}"
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "runAsGroup": RAY_GID,
+        "fsGroup": RAY_GID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _claims(job: RLHFJob) -> list[str]:
+    """Every PersistentVolumeClaim a pvc:// URI of the spec names (storage first, then inputs)."""
+    spec = job.spec
+    uris = [
+        spec.storage.uri,
+        spec.model.base,
+        spec.model.tokenizer,
+        spec.stages.reward.model,
+        *(
+            dataset.uri
+            for dataset in (
+                spec.stages.sft.dataset,
+                spec.stages.reward.dataset,
+                spec.stages.ppo.prompts,
+                spec.stages.evaluation.prompts,
+            )
+            if dataset is not None
+        ),
+    ]
+    claims: list[str] = []
+    for uri in uris:
+        claim = pvc_claim(uri) if uri else None
+        if claim and claim not in claims:
+            claims.append(claim)
+    return claims
+
+
+def _volumes(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and container mounts: /dev/shm (Ray's object store and NCCL use it) + PVCs."""
+    # emptyDir in memory, bounded by the container's memory limit: Docker's default 64 MiB
+    # /dev/shm makes NCCL and Ray's plasma store fail on the first large tensor.
+    volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    storage_claim = pvc_claim(job.spec.storage.uri)
+    for index, claim in enumerate(_claims(job)):
+        volume = f"pvc-{index}"
+        read_only = claim != storage_claim  # inputs are only read; storage is written
+        volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+        )
+        mounts.append(
+            {"name": volume, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": read_only}
+        )
+    return volumes, mounts
+
+
+def _env(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Container env and envFrom (CONTRACTS.md §2): job identity, storage secret by name."""
+    env = [
+        {"name": "RLHF_JOB_NAME", "value": job.metadata.name},
+        {"name": "RLHF_JOB_NAMESPACE", "value": job.metadata.namespace or "default"},
+    ]
+    storage = job.spec.storage
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    env_from = [{"secretRef": {"name": storage.secret_ref.name}}] if storage.secret_ref else []
+    return env, env_from
+
+
+def _resources(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = {k: str(v) for k, v in requests.items()}
+    if limits:
+        out["limits"] = {k: str(v) for k, v in limits.items()}
+    return out
+
+
+def _pod_template(
+    job: RLHFJob, container: dict[str, Any], labels: dict[str, str], **pod: Any
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(job)
+    env, env_from = _env(job)
+    cluster = job.spec.cluster
+    full_container = {
+        "image": cluster.image,
+        "imagePullPolicy": cluster.image_pull_policy,
+        "env": env,
+        **({"envFrom": env_from} if env_from else {}),
+        "volumeMounts": mounts,
+        "securityContext": _container_security_context(),
+        **container,
+    }
+    return {
+        "metadata": {"labels": labels},
+        "spec": {
+            "serviceAccountName": cluster.service_account_name or TRAINER_SERVICE_ACCOUNT,
+            "securityContext": _pod_security_context(),
+            "containers": [full_container],
+            "volumes": volumes,
+            **{k: v for k, v in pod.items() if v},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- RayCluster
+
+
+def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """The job's RayCluster: a CPU-only head and one worker group `workers` of fixed size."""
+    cluster = job.spec.cluster
+    workers = cluster.workers
+    labels = child_labels(job)
+    head_resources = cluster.head.resources
+    worker_requests = dict(workers.resources.requests)
+    worker_limits = dict(workers.resources.limits)
+    if workers.gpus_per_worker:
+        # GPUs are whole devices: request == limit, as the device plugin requires.
+        worker_requests[GPU_RESOURCE] = worker_limits[GPU_RESOURCE] = workers.gpus_per_worker
+
+    head = _pod_template(
+        job,
+        {
+            "name": HEAD_CONTAINER,
+            "resources": _resources(head_resources.requests, head_resources.limits),
+            "ports": [
+                {"name": "gcs-server", "containerPort": 6379},
+                {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                {"name": "client", "containerPort": 10001},
+            ],
+        },
+        labels,
+    )
+    worker = _pod_template(
+        job,
+        {"name": WORKER_CONTAINER, "resources": _resources(worker_requests, worker_limits)},
+        labels,
+        nodeSelector=dict(workers.node_selector),
+        tolerations=[t.to_wire() for t in workers.tolerations],
+        affinity=workers.affinity,
+    )
+    return {
+        "apiVersion": names.RAY_API_VERSION,
+        "kind": names.RAYCLUSTER_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "enableInTreeAutoscaling": False,
+            "headGroupSpec": {
+                # The head schedules and runs stage drivers, never training: no GPU on it.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+                "template": head,
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": WORKER_GROUP,
+                    "replicas": workers.replicas,
+                    "minReplicas": workers.replicas,
+                    "maxReplicas": workers.replicas,
+                    "rayStartParams": {},  # KubeRay derives num-cpus/num-gpus from resources
+                    "template": worker,
+                }
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- RayJob
+
+
+def job_json(job: RLHFJob) -> str:
+    """The RLHFJob as the trainer's `--job` argument (CONTRACTS.md §1): no status, compact."""
+    manifest = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "spec": job.spec.to_wire(),
+    }
+    return json.dumps(manifest, separators=(",", ":"), sort_keys=True)
+
+
+def stage_entrypoint(job: RLHFJob, stage: str, attempt: int) -> str:
+    """`python -m rlhf_trainer stage <stage> --job '<json>' --attempt N [--resume-from URI]`."""
+    args = ["python", "-m", "rlhf_trainer", "stage", stage, "--job", job_json(job)]
+    args += ["--attempt", str(attempt)]
+    if attempt >= 2:
+        checkpoints = f"{artifact_uri(job.spec.storage.uri, job.metadata.name, stage)}/checkpoints"
+        args += ["--resume-from", checkpoints]
+    return shlex.join(args)
+
+
+def _submitter_template(job: RLHFJob, labels: dict[str, str]) -> dict[str, Any]:
+    """The pod that runs `ray job submit` (KubeRay fills in its command and dashboard address).
+
+    It needs no storage, no secrets and no API access, so it gets none of them.
+    """
+    cluster = job.spec.cluster
+    return {
+        "metadata": {"labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": _pod_security_context(),
+            "containers": [
+                {
+                    "name": SUBMITTER_CONTAINER,
+                    "image": cluster.image,
+                    "imagePullPolicy": cluster.image_pull_policy,
+                    "resources": SUBMITTER_RESOURCES,
+                    "securityContext": _container_security_context(),
+                }
+            ],
+        },
+    }
+
+
+def build_stage_rayjob(
+    job: RLHFJob, stage: str, attempt: int, cluster_name: str, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """The RayJob of attempt `attempt` of `stage`, submitted to the job's running cluster.
+
+    No `backoffLimit` (KubeRay rejects retries for clusterSelector RayJobs: retries are the
+    operator's, each a new RayJob), no `suspend` (not allowed with clusterSelector either), and
+    `shutdownAfterJobFinishes: false`: the cluster is the job's, kept warm for the next stage.
+    """
+    labels = {
+        **child_labels(job),
+        names.LABEL_STAGE: stage,
+        names.LABEL_ATTEMPT: str(attempt),
+    }
+    return {
+        "apiVersion": names.RAY_API_VERSION,
+        "kind": names.RAYJOB_KIND,
+        "metadata": {
+            "name": names.rayjob_name(job.metadata.name, stage, attempt),
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "clusterSelector": {names.LABEL_RAY_CLUSTER: cluster_name},
+            "entrypoint": stage_entrypoint(job, stage, attempt),
+            "shutdownAfterJobFinishes": False,
+            "submissionMode": "K8sJobMode",
+            "submitterPodTemplate": _submitter_template(job, labels),
+        },
+    }
