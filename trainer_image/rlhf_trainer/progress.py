@@ -496,7 +496,10 @@ def default_api_client() -> Any:
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
+        # KUBECONFIG read now, not when `kubernetes` was imported (its default is frozen then).
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
+        )
     configuration.retries = 1  # reporting is best effort: fail fast rather than stall a step
     return client.ApiClient(configuration)
 
