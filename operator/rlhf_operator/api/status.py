@@ -85,6 +85,12 @@ class StageStatus(ApiModel):
 
     state: StageState = Field(default="Pending", description="Stage state.")
     attempts: int = Field(default=0, ge=0, description="RayJob attempts started.")
+    failures: int = Field(
+        default=0,
+        ge=0,
+        description="Failed attempts, counted against runPolicy.backoffLimit (a resume after "
+        "suspension starts a new attempt but is no failure).",
+    )
     start_time: str | None = Field(default=None, description="When the first attempt started.")
     completion_time: str | None = Field(default=None, description="When the stage finished.")
     ray_job: str | None = Field(default=None, description="RayJob of the current attempt.")
