@@ -1,0 +1,328 @@
+"""Warm-pool logic: what must match for reuse, the claim and release patches, which cluster wins."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from rlhf_operator import warmpool as wp
+from rlhf_operator.api import RLHFJob
+from rlhf_operator.names import LABEL_JOB
+
+NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def manifest(name: str = "job-a", namespace: str = "team-a", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "rlhf.dev/v1alpha1",
+        "kind": "RLHFJob",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
+        "spec": {
+            "model": {"base": "gpt2"},
+            "storage": {"uri": "s3://bucket/runs", "secretRef": {"name": "s3-creds"}},
+            "stages": {
+                "sft": {"dataset": {"uri": "imdb"}},
+                "reward": {"dataset": {"uri": "prefs"}},
+                "ppo": {"prompts": {"uri": "prompts"}},
+            },
+            "cluster": {
+                "image": "trainer:1",
+                "workers": {"replicas": 2, "gpusPerWorker": 1},
+            },
+            "warmPool": {"keepAliveSeconds": 600},
+        },
+    }
+    for path, value in spec.items():
+        node = body["spec"]
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return body
+
+
+def job(**kwargs: Any) -> RLHFJob:
+    return RLHFJob.from_manifest(manifest(**kwargs))
+
+
+def pooled(
+    name: str = "old-ray",
+    signature: str = "sig",
+    state: str = wp.STATE_AVAILABLE,
+    expires: datetime | None = NOW + timedelta(minutes=5),
+    ray_state: str = "ready",
+    version: str = "7",
+    **meta: Any,
+) -> dict[str, Any]:
+    annotations = (
+        {wp.ANNOTATION_EXPIRES_AT: expires.strftime("%Y-%m-%dT%H:%M:%SZ")} if expires else {}
+    )
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "team-a",
+            "resourceVersion": version,
+            "labels": {wp.LABEL_SIGNATURE: signature, wp.LABEL_STATE: state},
+            "annotations": annotations,
+            **meta,
+        },
+        "status": {"state": ray_state},
+    }
+
+
+class TestSignature:
+    def test_stable_and_short_enough_for_a_label(self) -> None:
+        sig = wp.pool_signature(job())
+        assert sig == wp.pool_signature(job())
+        assert len(sig) == wp.SIGNATURE_LENGTH <= 63
+        assert all(ch in "0123456789abcdef" for ch in sig)
+
+    def test_what_a_job_does_is_not_part_of_it(self) -> None:
+        # Different job, model, data, storage path, hyper-parameters, keep-alive: same cluster.
+        other = job(
+            name="job-b",
+            model={"base": "facebook/opt-125m"},
+            storage={"uri": "s3://bucket/elsewhere", "secretRef": {"name": "s3-creds"}},
+            **{"stages.ppo.steps": 7, "stages.sft.epochs": 3, "warmPool.keepAliveSeconds": 60},
+        )
+        assert wp.pool_signature(other) == wp.pool_signature(job())
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"namespace": "team-b"},
+            {"cluster.image": "trainer:2"},
+            {"cluster.imagePullPolicy": "Always"},
+            {"cluster.serviceAccountName": "other-sa"},
+            {"cluster.head": {"resources": {"requests": {"cpu": "8"}}}},
+            {"cluster.workers.replicas": 4},
+            {"cluster.workers.gpusPerWorker": 2},
+            {"cluster.workers.resources": {"requests": {"cpu": "16"}}},
+            {"cluster.workers.nodeSelector": {"pool": "a100"}},
+            {"cluster.workers.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
+            {"cluster.workers.affinity": {"nodeAffinity": {}}},
+            {"storage": {"uri": "s3://bucket/runs", "secretRef": {"name": "other-creds"}}},
+            {"storage": {"uri": "s3://bucket/runs"}},
+            {
+                "storage": {
+                    "uri": "s3://b/r",
+                    "secretRef": {"name": "s3-creds"},
+                    "endpoint": "http://m",
+                }
+            },
+            {"storage": {"uri": "pvc://claim-a/runs"}},
+            {"warmPool.pool": "team-x"},
+        ],
+        ids=lambda change: next(iter(change)),
+    )
+    def test_everything_baked_into_the_cluster_is(self, change: dict[str, Any]) -> None:
+        kwargs = dict(change)
+        namespace = kwargs.pop("namespace", "team-a")
+        assert wp.pool_signature(job(namespace=namespace, **kwargs)) != wp.pool_signature(job())
+
+    def test_two_pvc_claims_differ_but_not_two_paths_on_one_claim(self) -> None:
+        a = job(storage={"uri": "pvc://claim-a/x"})
+        assert wp.pool_signature(a) == wp.pool_signature(job(storage={"uri": "pvc://claim-a/y"}))
+        assert wp.pool_signature(a) != wp.pool_signature(job(storage={"uri": "pvc://claim-b/x"}))
+
+
+class TestExpiryAndHealth:
+    def test_expired_only_after_the_deadline(self) -> None:
+        cluster = pooled(expires=NOW + timedelta(seconds=30))
+        assert not wp.expired(cluster, NOW)
+        assert wp.seconds_to_expiry(cluster, NOW) == 30
+        assert wp.expired(cluster, NOW + timedelta(seconds=30))
+        assert wp.seconds_to_expiry(cluster, NOW + timedelta(hours=1)) == 0
+
+    def test_an_available_cluster_without_a_readable_expiry_is_expired(self) -> None:
+        assert wp.expired(pooled(expires=None), NOW)
+        broken = pooled()
+        broken["metadata"]["annotations"][wp.ANNOTATION_EXPIRES_AT] = "tomorrow"
+        assert wp.expired(broken, NOW)
+
+    def test_a_claimed_cluster_never_expires(self) -> None:
+        assert not wp.expired(pooled(state=wp.STATE_CLAIMED, expires=None), NOW)
+
+    @pytest.mark.parametrize(
+        ("status", "healthy"),
+        [
+            ({"state": "ready"}, True),
+            ({"state": "failed"}, False),
+            ({"state": "suspended"}, False),
+            ({}, False),
+            (
+                {"state": "ready", "conditions": [{"type": "HeadPodReady", "status": "False"}]},
+                False,
+            ),
+            (
+                {
+                    "state": "ready",
+                    "conditions": [{"type": "RayClusterReplicaFailure", "status": "True"}],
+                },
+                False,
+            ),
+            ({"state": "ready", "conditions": [{"type": "HeadPodReady", "status": "True"}]}, True),
+        ],
+    )
+    def test_health_is_kuberays_ready_state(self, status: dict, healthy: bool) -> None:
+        cluster = pooled()
+        cluster["status"] = status
+        assert wp.is_healthy(cluster) is healthy
+
+    def test_a_cluster_being_deleted_is_not_healthy(self) -> None:
+        assert not wp.is_healthy(pooled(deletionTimestamp="2026-05-01T11:00:00Z"))
+
+
+class TestPoolable:
+    def test_succeeded_job_with_a_ready_cluster(self) -> None:
+        assert wp.is_poolable("Succeeded", pooled(), failed_by_cluster=False)
+
+    def test_failed_job_for_its_own_reasons_pools_a_ready_cluster(self) -> None:
+        assert wp.is_poolable("Failed", pooled(), failed_by_cluster=False)
+
+    def test_never_a_cluster_that_made_the_job_fail(self) -> None:
+        assert not wp.is_poolable("Failed", pooled(), failed_by_cluster=True)
+
+    def test_never_an_unhealthy_cluster(self) -> None:
+        assert not wp.is_poolable("Succeeded", pooled(ray_state="failed"), failed_by_cluster=False)
+
+    def test_never_from_a_job_that_has_not_finished(self) -> None:
+        assert not wp.is_poolable("Running", pooled(), failed_by_cluster=False)
+
+    @pytest.mark.parametrize(
+        ("reason", "fault"),
+        [
+            ("SubmissionFailed", True),
+            ("JobDeploymentStatusTransitionGracePeriodExceeded", True),
+            ("AppFailed", False),
+            ("DeadlineExceeded", False),
+            (None, False),
+        ],
+    )
+    def test_kuberay_failure_reasons(self, reason: str | None, fault: bool) -> None:
+        assert wp.cluster_at_fault({"jobDeploymentStatus": "Failed", "reason": reason}) is fault
+
+
+class TestCandidates:
+    def test_only_available_healthy_unexpired_unowned_clusters_of_the_signature(self) -> None:
+        good = pooled("good")
+        clusters = [
+            good,
+            pooled("other-signature", signature="nope"),
+            pooled("claimed", state=wp.STATE_CLAIMED),
+            pooled("expired", expires=NOW - timedelta(seconds=1)),
+            pooled("not-ready", ray_state="failed"),
+            pooled("owned", ownerReferences=[{"uid": "x"}]),
+            pooled("deleting", deletionTimestamp="2026-05-01T11:00:00Z"),
+            {"metadata": {"name": "own-cluster-of-a-job"}, "status": {"state": "ready"}},
+        ]
+        assert wp.candidates(clusters, "sig", NOW) == [good]
+        assert wp.choose_candidate(clusters, "sig", NOW) is good
+
+    def test_none_when_nothing_matches(self) -> None:
+        assert wp.choose_candidate([pooled(signature="nope")], "sig", NOW) is None
+
+    def test_order_is_soonest_expiry_then_name_whatever_the_input_order(self) -> None:
+        late = pooled("a-late", expires=NOW + timedelta(minutes=9))
+        soon_b = pooled("b-soon", expires=NOW + timedelta(minutes=1))
+        soon_a = pooled("a-soon", expires=NOW + timedelta(minutes=1))
+        for order in ([late, soon_b, soon_a], [soon_a, late, soon_b]):
+            names = [c["metadata"]["name"] for c in wp.candidates(order, "sig", NOW)]
+            assert names == ["a-soon", "b-soon", "a-late"]
+
+
+class TestPatches:
+    def test_release_moves_ownership_off_the_job_and_labels_the_pool(self) -> None:
+        body = manifest()
+        patch = wp.release_patch(body, "sig", 600, NOW)
+        meta = patch["metadata"]
+        assert meta["ownerReferences"] is None  # merge-patch null: removed
+        assert meta["labels"] == {
+            LABEL_JOB: None,
+            wp.LABEL_CLAIMED_BY: None,
+            wp.LABEL_SIGNATURE: "sig",
+            wp.LABEL_STATE: wp.STATE_AVAILABLE,
+        }
+        assert meta["annotations"][wp.ANNOTATION_RELEASED_BY] == "team-a/job-a"
+        released = _merge(_owned_cluster(body), patch)
+        assert wp.expires_at(released) == NOW + timedelta(seconds=600)
+        assert wp.choose_candidate([released], "sig", NOW) == released
+        assert not wp.expired(released, NOW + timedelta(seconds=599))
+        assert wp.expired(released, NOW + timedelta(seconds=600))
+
+    def test_claim_carries_the_read_resource_version_and_owns_the_cluster(self) -> None:
+        new = manifest(name="job-b")
+        cluster = pooled(version="42")
+        patch = wp.claim_patch(cluster, new)
+        assert patch["metadata"]["resourceVersion"] == "42"
+        claimed = _merge(cluster, patch)
+        assert claimed["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "rlhf.dev/v1alpha1",
+                "kind": "RLHFJob",
+                "name": "job-b",
+                "uid": "uid-job-b",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert claimed["metadata"]["labels"][LABEL_JOB] == "job-b"
+        assert wp.pool_state(claimed) == wp.STATE_CLAIMED
+        assert wp.claimed_by_job(claimed, new)
+        assert not wp.claimed_by_job(claimed, manifest(name="job-c"))
+        assert wp.ANNOTATION_EXPIRES_AT not in claimed["metadata"]["annotations"]
+        assert wp.choose_candidate([claimed], "sig", NOW) is None
+
+    def test_a_claimed_cluster_released_again_is_claimable_again(self) -> None:
+        first = manifest(name="job-b")
+        claimed = _merge(pooled(), wp.claim_patch(pooled(), first))
+        again = _merge(claimed, wp.release_patch(first, "sig", 60, NOW))
+        assert wp.claimed_by(again) is None
+        assert wp.choose_candidate([again], "sig", NOW) == again
+
+    def test_claimed_by_job_is_false_for_a_missing_or_deleting_cluster(self) -> None:
+        body = manifest()
+        claimed = _merge(pooled(), wp.claim_patch(pooled(), body))
+        assert not wp.claimed_by_job(None, body)
+        claimed["metadata"]["deletionTimestamp"] = "2026-05-01T11:00:00Z"
+        assert not wp.claimed_by_job(claimed, body)
+
+    def test_delete_preconditions_pin_the_version(self) -> None:
+        assert wp.delete_preconditions(pooled(version="9")) == {
+            "preconditions": {"resourceVersion": "9"}
+        }
+
+    def test_pool_selector(self) -> None:
+        assert (
+            wp.pool_selector("abc") == "rlhf.dev/pool-signature=abc,rlhf.dev/pool-state=available"
+        )
+
+
+def _owned_cluster(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "job-a-ray",
+            "namespace": "team-a",
+            "resourceVersion": "3",
+            "ownerReferences": [wp.owner_reference(body)],
+            "labels": {LABEL_JOB: "job-a", "app.kubernetes.io/managed-by": "rlhf-operator"},
+        },
+        "status": {"state": "ready"},
+    }
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge-patch (what the API server applies), without the version check."""
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merge(result[key], value)
+        elif isinstance(value, dict):
+            result[key] = _merge({}, value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
