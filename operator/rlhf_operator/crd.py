@@ -22,6 +22,10 @@ from rlhf_operator.api.spec import RLHFJobSpec
 from rlhf_operator.api.status import RLHFJobStatus
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / f"{GROUP}_{PLURAL}.yaml"
+# The Helm chart templates its CRD from this copy (helm reads files inside the chart only);
+# written by the same command, so `make crds` keeps both and `--check` fails on either drifting.
+CHART_CRD_FILE = CRD_FILE.parents[1] / "charts" / "rlhf-operator" / "files" / "crds" / CRD_FILE.name
+CRD_FILES = (CRD_FILE, CHART_CRD_FILE)
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -171,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rendered = render_crd()
     if args.check:
-        if not CRD_FILE.exists() or CRD_FILE.read_text() != rendered:
-            print(f"{CRD_FILE} is out of date: run `make crds`", file=sys.stderr)
-            return 1
-        return 0
-    CRD_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CRD_FILE.write_text(rendered)
-    print(f"wrote {CRD_FILE}")
+        stale = [f for f in CRD_FILES if not f.exists() or f.read_text() != rendered]
+        for path in stale:
+            print(f"{path} is out of date: run `make crds`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in CRD_FILES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered)
+        print(f"wrote {path}")
     return 0
 
 
