@@ -1,0 +1,133 @@
+"""Pure: an RLHFJob (a wire dict, as the API returns it) -> the facts `kubectl rlhf` shows.
+
+The same dicts are printed by `-o json` and drawn by `render`, so the text and the JSON output
+never disagree. Nothing here does I/O; `now` is always passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rlhf_operator.api.spec import STAGE_ORDER
+
+Obj = Mapping[str, Any]
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 timestamp ("2025-03-01T12:00:00Z") or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def seconds_between(start: Any, end: Any, now: datetime) -> float | None:
+    """Seconds from `start` to `end` (or to `now` while it is still running)."""
+    begin = parse_time(start)
+    if begin is None:
+        return None
+    return max(((parse_time(end) or now) - begin).total_seconds(), 0.0)
+
+
+def enabled_stages(job: Obj) -> list[str]:
+    """Enabled stages in pipeline order, read leniently (the spec may be invalid)."""
+    spec_stages = (job.get("spec") or {}).get("stages") or {}
+    status_stages = (job.get("status") or {}).get("stages") or {}
+    return [
+        name
+        for name in STAGE_ORDER
+        if (spec_stages.get(name) or {}).get("enabled", True) or name in status_stages
+    ]
+
+
+def job_row(job: Obj, now: datetime) -> dict[str, Any]:
+    """One line of `kubectl rlhf list` (the printer columns, plus namespace)."""
+    meta, status = job.get("metadata") or {}, job.get("status") or {}
+    return {
+        "namespace": meta.get("namespace"),
+        "name": meta.get("name"),
+        "phase": status.get("phase") or "Pending",
+        "stage": status.get("stage"),
+        "progress": status.get("progress"),
+        "reward": status.get("reward"),
+        "cluster": (status.get("cluster") or {}).get("name"),
+        "ageSeconds": seconds_between(meta.get("creationTimestamp"), None, now),
+    }
+
+
+def stage_summary(name: str, stage: Obj, now: datetime) -> dict[str, Any]:
+    """One stage of the timeline: state, attempts, duration, progress, metrics, curve."""
+    return {
+        "name": name,
+        "state": stage.get("state") or "Pending",
+        "attempts": stage.get("attempts") or 0,
+        "startTime": stage.get("startTime"),
+        "completionTime": stage.get("completionTime"),
+        "durationSeconds": _stage_duration(stage, now),
+        "progress": stage.get("progress"),
+        "metrics": dict(stage.get("metrics") or {}),
+        "history": list(stage.get("history") or []),
+        "rayJob": stage.get("rayJob"),
+        "artifact": stage.get("artifact"),
+        "resumedFromStep": stage.get("resumedFromStep"),
+        "message": stage.get("message"),
+    }
+
+
+def _stage_duration(stage: Obj, now: datetime) -> float | None:
+    """Start to end; a running stage counts to `now`; an interrupted one (suspended) has none."""
+    if stage.get("completionTime") or stage.get("state") == "Running":
+        return seconds_between(stage.get("startTime"), stage.get("completionTime"), now)
+    return None
+
+
+def job_summary(job: Obj, now: datetime, hints: Sequence[Obj] = ()) -> dict[str, Any]:
+    """Everything `kubectl rlhf status JOB` shows, as plain JSON-able data."""
+    meta, status = job.get("metadata") or {}, job.get("status") or {}
+    stages = status.get("stages") or {}
+    order = enabled_stages(job)
+    current = status.get("stage")
+    return {
+        "namespace": meta.get("namespace"),
+        "name": meta.get("name"),
+        "phase": status.get("phase") or "Pending",
+        "stage": current,
+        "stageIndex": order.index(current) + 1 if current in order else None,
+        "stageCount": len(order),
+        "message": status.get("message"),
+        "progress": status.get("progress"),
+        "reward": status.get("reward"),
+        "ageSeconds": seconds_between(meta.get("creationTimestamp"), None, now),
+        "durationSeconds": seconds_between(
+            status.get("startTime"), status.get("completionTime"), now
+        ),
+        "cluster": dict(status.get("cluster") or {}),
+        "stages": [stage_summary(name, stages.get(name) or {}, now) for name in order],
+        "evaluation": status.get("evaluation"),
+        "conditions": list(status.get("conditions") or []),
+        "hints": list(hints),
+    }
+
+
+def curve_stage(summary: Obj) -> Obj | None:
+    """The stage whose curve to draw: the current one if it has history, else the last that has."""
+    with_history = [s for s in summary["stages"] if s["history"]]
+    current = [s for s in with_history if s["name"] == summary.get("stage")]
+    return (current or with_history[-1:] or [None])[0]
+
+
+def curves(stage: Obj) -> dict[str, list[float]]:
+    """Per metric, its values in step order, from a stage's bounded `history`."""
+    points = sorted(stage["history"], key=lambda p: p.get("step", 0))
+    names: dict[str, None] = {}
+    for point in points:
+        names.update(dict.fromkeys(point.get("metrics") or {}))
+    return {
+        name: [float(p["metrics"][name]) for p in points if name in (p.get("metrics") or {})]
+        for name in names
+    }
