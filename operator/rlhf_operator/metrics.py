@@ -19,7 +19,7 @@ Metrics (all prefixed ``rlhf_operator_``):
 ``jobs{phase}``                              gauge      RLHFJobs the operator sees, by phase
 ``jobs_finished_total{phase}``               counter    jobs that ended Succeeded / Failed
 ``stage_duration_seconds{stage,state}``      histogram  first attempt start -> stage end
-``stage_retries_total{stage}``               counter    stage attempts after the first
+``stage_retries_total{stage}``               counter    attempts started after a failure
 ``warm_pool_hits_total``                     counter    jobs that claimed a warm cluster
 ``warm_pool_misses_total``                   counter    jobs that had to create a cluster
 ``warm_pool_expiries_total``                 counter    warm clusters deleted, unclaimed
@@ -86,7 +86,7 @@ class OperatorMetrics:
         )
         self.stage_retries = Counter(
             f"{PREFIX}_stage_retries",
-            "Stage attempts started after the first one.",
+            "Stage attempts started after a failed one (resumes excluded).",
             ["stage"],
             registry=r,
         )
@@ -170,7 +170,7 @@ class OperatorMetrics:
     def _observe_stage(
         self, stage: str, old: Mapping[str, Any], new: Mapping[str, Any], now: datetime
     ) -> None:
-        retries = max(new.get("attempts") or 0, 1) - max(old.get("attempts") or 0, 1)
+        retries = _retries(new) - _retries(old)
         if retries > 0:
             self.stage_retries.labels(stage).inc(retries)
         state = new.get("state")
@@ -239,6 +239,12 @@ class OperatorMetrics:
             counts[phase] = counts.get(phase, 0) + 1
         for phase, n in counts.items():
             self.jobs.labels(phase).set(n)
+
+
+def _retries(stage: Mapping[str, Any]) -> int:
+    """Attempts started after a failure: each retry follows a failure, while a resume after
+    suspension is a new attempt without one (so it is no retry)."""
+    return max(min((stage.get("attempts") or 0) - 1, stage.get("failures") or 0), 0)
 
 
 def _wire(obj: Mapping[str, Any] | BaseModel | None) -> Mapping[str, Any]:

@@ -91,6 +91,7 @@ def run_two_jobs(metrics: OperatorMetrics) -> tuple[Job, Job]:
     a.write(33, stage="reward",
             stages={"reward": {"state": "Running", "attempts": 1, "startTime": at(32),
                                "rayJob": "a-reward-1"}})  # fmt: skip
+    a.write(39, stages={"reward": {"failures": 1}})
     a.write(40, stages={"reward": {"attempts": 2, "rayJob": "a-reward-2"}})
     a.write(52, stages={"reward": {"state": "Succeeded", "completionTime": at(52)}})
     a.write(53, phase="Succeeded", completionTime=at(53))
@@ -173,12 +174,20 @@ def test_models_and_kopf_extras_are_accepted_and_deleted_jobs_leave_the_gauge(
 ) -> None:
     running = RLHFJobStatus.model_validate(
         {"phase": "Running", "stage": "sft",
-         "stages": {"sft": {"state": "Running", "attempts": 3, "rayJob": "c-sft-3"}}}
+         "stages": {"sft": {"state": "Running", "attempts": 3, "failures": 2, "rayJob": "c-sft-3"},
+                    "reward": {"state": "Pending"}}}
     )  # fmt: skip
     # kopf keeps its own bookkeeping under status.kopf: it must be ignored, not rejected.
     metrics.observe_transition({"kopf": {"progress": {}}}, running, body("c"))
     got = samples(metrics.exposition().decode())
     assert value(got, "rlhf_operator_jobs", phase="Running") == 1
+    assert value(got, "rlhf_operator_stage_retries_total", stage="sft") == 2
+
+    # Suspended and resumed: a new attempt that follows no failure is no retry.
+    resumed = running.model_copy(deep=True)
+    resumed.stages["sft"].attempts = 4
+    metrics.observe_transition(running, resumed, body("c"))
+    got = samples(metrics.exposition().decode())
     assert value(got, "rlhf_operator_stage_retries_total", stage="sft") == 2
 
     metrics.forget_job("ml", "c")
