@@ -92,6 +92,7 @@ SFT_DONE = {
 REWARD_DONE = {
     "state": "Succeeded",
     "attempts": 2,
+    "failures": 1,
     "startTime": ago(minutes=74, seconds=30),
     "completionTime": ago(minutes=49, seconds=30),
     "rayJob": "imdb-ppo-reward-2",
@@ -253,6 +254,7 @@ def failed_job() -> dict[str, Any]:
     status["stages"]["ppo"].update(
         state="Failed",
         attempts=3,
+        failures=3,
         rayJob="imdb-ppo-ppo-3",
         completionTime=ago(minutes=5),
         message=OOM.format("2.50"),

@@ -75,7 +75,7 @@ def test_running_ppo_shows_timeline_attempts_progress_metrics_and_curves() -> No
     assert "Running - stage ppo (3/4)" in text
     sft, reward, ppo = row_of(text, "sft"), row_of(text, "reward"), row_of(text, "ppo")
     assert sft.split()[1:4] == ["Succeeded", "1", "42m10s"]
-    assert reward.split()[1:4] == ["Succeeded", "2", "25m00s"]
+    assert reward.split()[1:6] == ["Succeeded", "2", "(1", "failed)", "25m00s"]
     assert "resumed from step 200" in reward
     assert ppo.split()[1:3] == ["Running", "1"]
     assert f"{bar(45)}  45%" in ppo and "step 45/100" in ppo and "eta 1h20m" in ppo
@@ -107,7 +107,7 @@ def test_failed_job_shows_reason_attempts_and_same_error_hint() -> None:
     text = status_text(job, rayjobs=rayjobs)
     assert "Message:" in text
     assert "stage ppo failed 3 times (spec.runPolicy.backoffLimit: 2)" in text
-    assert row_of(text, "ppo").split()[1:3] == ["Failed", "3"]
+    assert row_of(text, "ppo").split()[1:5] == ["Failed", "3", "(3", "failed)"]
     assert f"last error: {OOM.format('2.50')}" in text
     assert reasons(job, rayjobs=rayjobs) == ["SameErrorRepeated", "OutOfMemory"]
     hints = " ".join(text.split("Hints:")[1].split())

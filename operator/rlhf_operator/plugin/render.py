@@ -140,7 +140,7 @@ def _timeline(s: Obj) -> str:
             [
                 st["name"],
                 st["state"],
-                str(st["attempts"]) if st["attempts"] else "-",
+                _attempts(st),
                 duration(st["durationSeconds"]),
                 f"{shown}  {', '.join(detail)}".rstrip() if shown else ", ".join(detail),
             ]
@@ -156,6 +156,13 @@ def _timeline(s: Obj) -> str:
             wrapped = textwrap.fill(f"last error: {last}", WIDTH - 6)
             out.append(textwrap.indent(wrapped, "      "))
     return "\n".join(out)
+
+
+def _attempts(st: Obj) -> str:
+    """ "2 (1 failed)": attempts started, and how many of them failed (resumes do not fail)."""
+    if not st["attempts"]:
+        return "-"
+    return f"{st['attempts']} ({st['failures']} failed)" if st["failures"] else str(st["attempts"])
 
 
 def _metrics(s: Obj) -> str:

@@ -66,6 +66,7 @@ def stage_summary(name: str, stage: Obj, now: datetime) -> dict[str, Any]:
         "name": name,
         "state": stage.get("state") or "Pending",
         "attempts": stage.get("attempts") or 0,
+        "failures": stage.get("failures") or 0,
         "startTime": stage.get("startTime"),
         "completionTime": stage.get("completionTime"),
         "durationSeconds": _stage_duration(stage, now),
