@@ -1,0 +1,51 @@
+"""`python -m rlhf_operator` / `rlhf-operator`: run the operator (kopf) against the current cluster.
+
+Credentials: in-cluster inside a pod, else the current kubeconfig. All namespaces by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import kopf
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-operator", description="Run the RLHF Operator (RLHFJob -> KubeRay)."
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="serve only this namespace (repeatable); all namespaces when absent",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=DEFAULT_LIVENESS,
+        help=f"health endpoint for the liveness probe (default {DEFAULT_LIVENESS}; '' = none)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log what the operator does")
+    parser.add_argument("--debug", action="store_true", help="log kopf's internals too")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import rlhf_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+
+    kopf.configure(verbose=args.verbose, debug=args.debug)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+        standalone=True,  # one replica, no peering objects (the chart runs exactly one)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""kopf handlers: decorators only, each delegating in one line.
+
+Why one timer rather than create/update/resume handlers: the state machine needs the job AND its
+children's statuses, and children change without the job changing. A per-job timer re-runs the
+one reconcile every few seconds (kopf never overlaps two runs for the same job), and reads the
+children from kopf indexes — in-memory caches fed by watches of RayClusters and RayJobs — so an
+idle tick costs no API call. The first tick runs as soon as a job appears (creation, or operator
+start for existing jobs: that is "resume"); edits are picked up on the next tick.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from rlhf_operator import events, names
+from rlhf_operator import settings as operator_settings
+from rlhf_operator.api import GROUP, PLURAL, VERSION
+from rlhf_operator.reconcile import driver, kuberay
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    operator_settings.configure(settings)
+
+
+@kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
+def rayclusters(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): kuberay.observe_cluster(body)}
+
+
+@kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
+def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): kuberay.observe_rayjob(body)}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.RECONCILE_INTERVAL)
+def reconcile(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
+    driver.reconcile_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def finalize(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
+    driver.finalize_job(driver.snapshot(body), rayclusters, rayjobs, events.post)

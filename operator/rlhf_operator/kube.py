@@ -1,0 +1,230 @@
+"""The operator's only Kubernetes API I/O (the official `kubernetes` client, synchronous).
+
+kopf runs sync handlers in a thread pool, so these blocking calls never stall its event loop.
+Every call is a small named function decorated with `@api_call(group, resource, verb)`: the
+decorator records it in `API_CALLS`, from which `permissions()` derives the exact RBAC rules the
+operator needs (the Helm chart's RBAC test reads it; tests/operator/test_kube.py proves each
+function sends only the request it declares). `FRAMEWORK_PERMISSIONS` lists what kopf itself
+does for us: watching, its annotations and finalizer, posting Events.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from rlhf_operator import names
+from rlhf_operator.api import GROUP, PLURAL, VERSION
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+CORE = ""  # the core API group ("" in RBAC rules)
+REQUEST_TIMEOUT = (5, 30)  # connect, read (seconds): a hung call must not pin a worker thread
+POOL_SIZE = int(os.environ.get("RLHF_API_POOL_SIZE", "32"))
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One kind of request: API group, resource (or resource/subresource) and RBAC verb."""
+
+    group: str
+    resource: str
+    verb: str
+
+
+API_CALLS: dict[str, ApiCall] = {}
+"""Function name -> the request it makes; filled by `@api_call`."""
+
+FRAMEWORK_PERMISSIONS: tuple[ApiCall, ...] = (
+    # kopf watches the jobs and keeps its progress, diff-base and finalizer in metadata
+    ApiCall(GROUP, PLURAL, "list"),
+    ApiCall(GROUP, PLURAL, "watch"),
+    ApiCall(GROUP, PLURAL, "patch"),
+    # kopf indexes the children (the state machine reads them from memory, not by GET)
+    ApiCall(names.RAY_GROUP, names.RAYCLUSTERS, "list"),
+    ApiCall(names.RAY_GROUP, names.RAYCLUSTERS, "watch"),
+    ApiCall(names.RAY_GROUP, names.RAYJOBS, "list"),
+    ApiCall(names.RAY_GROUP, names.RAYJOBS, "watch"),
+    # kopf posts the operator's Events (kopf.event)
+    ApiCall(CORE, "events", "create"),
+    # kopf's scanning: notices CRDs and namespaces that appear after it started
+    ApiCall("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ApiCall("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ApiCall(CORE, "namespaces", "list"),
+    ApiCall(CORE, "namespaces", "watch"),
+)
+
+
+def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Register a function as making exactly this kind of request."""
+
+    def register(fn: Callable[P, R]) -> Callable[P, R]:
+        API_CALLS[fn.__name__] = ApiCall(group, resource, verb)
+        return fn
+
+    return register
+
+
+def permissions() -> dict[tuple[str, str], list[str]]:
+    """(group, resource) -> sorted verbs: everything the operator does, framework included."""
+    rules: dict[tuple[str, str], set[str]] = {}
+    for call in (*API_CALLS.values(), *FRAMEWORK_PERMISSIONS):
+        rules.setdefault((call.group, call.resource), set()).add(call.verb)
+    return {key: sorted(verbs) for key, verbs in sorted(rules.items())}
+
+
+# --------------------------------------------------------------------------- client
+
+
+_client: kubernetes.client.ApiClient | None = None
+_lock = threading.Lock()
+
+
+def configure() -> None:
+    """Load credentials: in-cluster inside a pod, else the current kubeconfig ($KUBECONFIG)."""
+    global _client
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)
+    # One connection per concurrent worker thread: urllib3 would otherwise discard and reopen.
+    config.connection_pool_maxsize = POOL_SIZE
+    with _lock:
+        if _client is not None:
+            _client.close()
+        _client = kubernetes.client.ApiClient(config)
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    with _lock:
+        if _client is None:
+            raise RuntimeError("rlhf_operator.kube.configure() was not called")
+        return kubernetes.client.CustomObjectsApi(_client)
+
+
+def _ignoring(status: int) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
+    """Turn one expected API status (404 on delete) into None."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R | None]:
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R | None:
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as exc:
+                if exc.status == status:
+                    return None
+                raise
+
+        return call
+
+    return wrap
+
+
+def _create(group: str, plural: str, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    namespace = manifest["metadata"]["namespace"]
+    try:
+        created = _custom().create_namespaced_custom_object(
+            group, names.RAY_VERSION, namespace, plural, manifest, _request_timeout=REQUEST_TIMEOUT
+        )
+        return created, True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    return {}, False
+
+
+def _delete(group: str, plural: str, namespace: str, name: str) -> None:
+    _custom().delete_namespaced_custom_object(
+        group,
+        names.RAY_VERSION,
+        namespace,
+        plural,
+        name,
+        propagation_policy="Background",
+        _request_timeout=REQUEST_TIMEOUT,
+    )
+
+
+# --------------------------------------------------------------------------- RayClusters
+
+
+@api_call(names.RAY_GROUP, names.RAYCLUSTERS, "create")
+def create_raycluster(manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create unless it exists: (the created object, True) or ({}, False) on 409."""
+    return _create(names.RAY_GROUP, names.RAYCLUSTERS, manifest)
+
+
+@api_call(names.RAY_GROUP, names.RAYCLUSTERS, "delete")
+@_ignoring(404)
+def delete_raycluster(namespace: str, name: str) -> None:
+    _delete(names.RAY_GROUP, names.RAYCLUSTERS, namespace, name)
+
+
+# --------------------------------------------------------------------------- RayJobs
+
+
+@api_call(names.RAY_GROUP, names.RAYJOBS, "create")
+def create_rayjob(manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create unless it exists: (the created object, True) or ({}, False) on 409."""
+    return _create(names.RAY_GROUP, names.RAYJOBS, manifest)
+
+
+@api_call(names.RAY_GROUP, names.RAYJOBS, "delete")
+@_ignoring(404)
+def delete_rayjob(namespace: str, name: str) -> None:
+    _delete(names.RAY_GROUP, names.RAYJOBS, namespace, name)
+
+
+# --------------------------------------------------------------------------- RLHFJobs
+
+
+@api_call(GROUP, f"{PLURAL}/status", "patch")
+def patch_job_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge-patch of the status subresource (only the fields that changed)."""
+    return _custom().patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"status": patch},
+        _request_timeout=REQUEST_TIMEOUT,
+    )
+
+
+@api_call(GROUP, PLURAL, "patch")
+def annotate_job(namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+    """Merge-patch annotations of an RLHFJob (the pinned spec)."""
+    return _custom().patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"metadata": {"annotations": annotations}},
+        _request_timeout=REQUEST_TIMEOUT,
+    )
+
+
+@api_call(GROUP, PLURAL, "delete")
+@_ignoring(404)
+def delete_job(namespace: str, name: str) -> None:
+    """Delete an RLHFJob (ttlSecondsAfterFinished); its children go with it."""
+    _custom().delete_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        propagation_policy="Background",
+        _request_timeout=REQUEST_TIMEOUT,
+    )

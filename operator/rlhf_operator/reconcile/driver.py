@@ -1,0 +1,213 @@
+"""The driver: observe -> decide (machine) -> write status -> act -> announce.
+
+This is where the pure state machine meets the API. Order matters and is the crash-safety
+argument: the pinned spec and the new status (with the names of the children about to exist)
+are written first, and only then are children created; children are created "if absent", so
+repeating any step after a crash is harmless. All API calls go through `rlhf_operator.kube`;
+Events go through the `post` callable (kopf's event poster in production).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from rlhf_operator import kube, names
+from rlhf_operator.api import RLHFJob, RLHFJobStatus
+from rlhf_operator.api.job import ObjectMeta
+from rlhf_operator.reconcile import machine
+from rlhf_operator.reconcile.conditions import status_patch
+from rlhf_operator.reconcile.model import (
+    ClusterObservation,
+    CreateCluster,
+    CreateRayJob,
+    Decision,
+    DeleteCluster,
+    DeleteJob,
+    DeleteRayJob,
+    Event,
+    Observed,
+    PinSpec,
+    RayJobObservation,
+)
+from rlhf_operator.validation import validate
+
+logger = logging.getLogger(__name__)
+
+PostEvent = Callable[[Mapping[str, Any], Event], None]
+Index = Mapping[tuple[str | None, str], Iterable[Any]]
+"""kopf's in-memory index shape: (namespace, name) -> the observations of that object."""
+
+PINNED_FIELDS = ("stages", "cluster")
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy of kopf's live body: the watcher replaces it while a worker thread reads."""
+    return copy.deepcopy(dict(body))
+
+
+def _first(index: Index, namespace: str | None, name: str | None) -> Any:
+    if name is None:
+        return None
+    return next(iter(index.get((namespace, name), ())), None)
+
+
+def observe(
+    namespace: str | None, status: RLHFJobStatus, clusters: Index, rayjobs: Index, job: str
+) -> Observed:
+    """The job's children as the indexes last saw them (the cluster named in status, else the
+    deterministic one, and the current attempt's RayJob)."""
+    cluster_name = status.cluster.name or names.cluster_name(job)
+    stage = status.stages.get(status.stage or "")
+    cluster: ClusterObservation | None = _first(clusters, namespace, cluster_name)
+    rayjob: RayJobObservation | None = _first(rayjobs, namespace, stage and stage.ray_job)
+    return Observed(cluster=cluster, rayjob=rayjob)
+
+
+def _pinnable(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: spec.get(key) for key in PINNED_FIELDS}
+
+
+def effective_manifest(body: Mapping[str, Any]) -> tuple[dict[str, Any], bool, str | None]:
+    """The manifest the job runs with: its live spec, but the stages and cluster it started with.
+
+    Returns (manifest, whether the live stages/cluster differ from the pinned ones, the pin to
+    record when there is none yet).
+    """
+    meta = body.get("metadata") or {}
+    spec = dict(body.get("spec") or {})
+    pinned = (meta.get("annotations") or {}).get(names.ANNOTATION_PINNED_SPEC)
+    manifest = {k: v for k, v in body.items() if k != "status"}
+    if pinned is None:
+        return {**manifest, "spec": spec}, False, json.dumps(_pinnable(spec), sort_keys=True)
+    started_with = json.loads(pinned)
+    changed = started_with != _pinnable(spec)
+    spec.update({k: v for k, v in started_with.items() if v is not None})
+    return {**manifest, "spec": spec}, changed, None
+
+
+def decide(
+    body: Mapping[str, Any], clusters: Index, rayjobs: Index, now: datetime
+) -> tuple[RLHFJobStatus, Decision]:
+    """Validate and run the state machine (no I/O): (the status read, the decision)."""
+    meta = body.get("metadata") or {}
+    status = RLHFJobStatus.model_validate(body.get("status") or {})
+    generation = meta.get("generation")
+    manifest, changed, pin = effective_manifest(body)
+    job, problems = validate(manifest)
+    if job is None:
+        return status, machine.reject(status, problems, now, generation)
+    observed = observe(meta.get("namespace"), status, clusters, rayjobs, job.metadata.name)
+    decision = machine.reconcile(
+        job, status, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
+    )
+    return status, decision
+
+
+def reconcile_job(
+    body: Mapping[str, Any],
+    clusters: Index,
+    rayjobs: Index,
+    post: PostEvent,
+    now: datetime | None = None,
+) -> Decision:
+    """One reconcile of one RLHFJob (the kopf timer calls this)."""
+    now = now or datetime.now(UTC)
+    status, decision = decide(body, clusters, rayjobs, now)
+    apply(body, status, decision, post, now)
+    return decision
+
+
+def apply(
+    body: Mapping[str, Any],
+    status: RLHFJobStatus,
+    decision: Decision,
+    post: PostEvent,
+    now: datetime,
+) -> None:
+    """Carry out a decision: pin, write status, act, announce — in that order."""
+    meta = body["metadata"]
+    namespace, name = meta.get("namespace"), meta["name"]
+    for action in decision.actions:
+        if isinstance(action, PinSpec):
+            kube.annotate_job(namespace, name, {names.ANNOTATION_PINNED_SPEC: action.pinned})
+    write_status(namespace, name, status, decision.status)
+    for action in decision.actions:
+        try:
+            _act(namespace, name, action)
+        except ApiException as exc:
+            if exc.status != 422 or not isinstance(action, CreateCluster | CreateRayJob):
+                raise
+            # The API server (or KubeRay's webhook) refused a manifest we built from the spec:
+            # a spec problem validation did not catch. Fail the job with the server's words.
+            kind = "RayCluster" if isinstance(action, CreateCluster) else "RayJob"
+            refused = machine.reject(
+                decision.status,
+                [f"The API server rejected {kind} {action.name}: {_api_message(exc)}"],
+                now,
+                meta.get("generation"),
+            )
+            write_status(namespace, name, decision.status, refused.status)
+            decision.events.extend(refused.events)
+            break
+    for event in decision.events:
+        post(body, event)
+
+
+def write_status(
+    namespace: str | None, name: str, old: RLHFJobStatus, new: RLHFJobStatus
+) -> dict[str, Any]:
+    """The one place the operator writes RLHFJob status: only what changed, if anything did."""
+    patch = status_patch(old, new)
+    if patch:
+        kube.patch_job_status(namespace, name, patch)
+    return patch
+
+
+def _act(namespace: str | None, name: str, action: Any) -> None:
+    match action:
+        case CreateCluster(manifest=manifest):
+            kube.create_raycluster(manifest)
+        case CreateRayJob(manifest=manifest):
+            kube.create_rayjob(manifest)
+        case DeleteCluster(name=cluster):
+            kube.delete_raycluster(namespace, cluster)
+        case DeleteRayJob(name=rayjob):
+            kube.delete_rayjob(namespace, rayjob)
+        case DeleteJob():
+            kube.delete_job(namespace, name)
+        case PinSpec():
+            pass  # done before the status write
+        case _:
+            raise TypeError(f"unknown action {action!r}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+def finalize_job(
+    body: Mapping[str, Any], clusters: Index, rayjobs: Index, post: PostEvent
+) -> Decision:
+    """The RLHFJob is being deleted: stop its RayJob, release its cluster (the finalizer)."""
+    meta = body["metadata"]
+    status = RLHFJobStatus.model_validate(body.get("status") or {})
+    job = RLHFJob.model_construct(
+        metadata=ObjectMeta.model_validate({"name": meta["name"], "uid": meta.get("uid")})
+    )
+    observed = observe(meta.get("namespace"), status, clusters, rayjobs, meta["name"])
+    decision = machine.finalize(job, status, observed, datetime.now(UTC))
+    for action in decision.actions:
+        _act(meta.get("namespace"), meta["name"], action)
+    for event in decision.events:
+        post(body, event)
+    return decision

@@ -1,0 +1,473 @@
+"""The RLHFJob state machine, pure: (job, status, observed children, now) -> Decision.
+
+Modelled on KubeRay's rayjob_controller.go: validate first (the caller does), then one dispatch
+on `status.phase`; every branch returns the next status, the actions and the events. Nothing
+here talks to the API, so every transition is a unit test (tests/unit/test_reconcile.py).
+
+    Pending ──► Provisioning ──► Running ──► Succeeded
+                    ▲   (cluster     │  stage by stage: success -> next stage,
+                    │    ready)      │  failure -> new attempt (up to backoffLimit)
+                    │                ├──► Failed (retries exhausted, deadline, conflict)
+                    └── Suspended ◄──┘  (spec.runPolicy.suspend; resume = new attempt)
+
+Crash safety: child names are deterministic and written to status in the same decision that
+creates them (the driver writes status first), and every non-terminal phase re-ensures the
+children it expects ("create if absent"). A restart at any point repeats at most an idempotent
+create or delete, never a second cluster or a second RayJob for the same attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from rlhf_operator import builders, names
+from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, StageStatus, is_terminal
+from rlhf_operator.api.columns import progress_column, reward_column
+from rlhf_operator.api.status import EvaluationSummary
+from rlhf_operator.api.storage import artifact_uri
+from rlhf_operator.reconcile import kuberay
+from rlhf_operator.reconcile.conditions import (
+    get_condition,
+    parse_time,
+    set_condition,
+    timestamp,
+)
+from rlhf_operator.reconcile.model import (
+    Action,
+    CreateCluster,
+    CreateRayJob,
+    Decision,
+    DeleteCluster,
+    DeleteJob,
+    DeleteRayJob,
+    Event,
+    Observed,
+    PinSpec,
+)
+
+CLUSTER_PROVISIONING = "ClusterProvisioning"
+CLUSTER_TERMINATING = "ClusterTerminating"
+CLUSTER_RELEASED = "ClusterReleased"
+SUSPENDED = "Suspended"
+
+
+@dataclass
+class _Draft:
+    """A decision being built: the inputs plus the status, actions and events so far."""
+
+    job: RLHFJob
+    status: RLHFJobStatus
+    observed: Observed
+    now: datetime
+    generation: int | None
+    actions: list[Action]
+    events: list[Event]
+
+    @property
+    def name(self) -> str:
+        return self.job.metadata.name
+
+    @property
+    def uid(self) -> str | None:
+        return (self.job.metadata.model_extra or {}).get("uid")
+
+    def owner(self) -> dict:
+        return builders.owner_reference({"name": self.name, "uid": self.uid or ""})
+
+    def normal(self, reason: str, message: str) -> None:
+        self.events.append(Event("Normal", reason, message))
+
+    def warning(self, reason: str, message: str) -> None:
+        self.events.append(Event("Warning", reason, message))
+
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+        set_condition(
+            self.status,
+            type_,
+            "True" if value else "False",
+            reason,
+            message,
+            self.now,
+            self.generation,
+        )
+
+    def stage(self, name: str) -> StageStatus:
+        return self.status.stages.setdefault(name, StageStatus())
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def reconcile(
+    job: RLHFJob,
+    status: RLHFJobStatus,
+    observed: Observed,
+    now: datetime,
+    *,
+    generation: int | None = None,
+    spec_changed: bool = False,
+    pinned_spec: str | None = None,
+) -> Decision:
+    """The next step for a job whose (effective) spec is valid.
+
+    `spec_changed`: the live spec's stages/cluster differ from the ones the job started with
+    (`pinned_spec` records those; they keep being used). `generation`: metadata.generation.
+    """
+    d = _Draft(job, status.model_copy(deep=True), observed, now, generation, [], [])
+    previous_generation = status.observed_generation
+    if generation is not None:
+        d.status.observed_generation = generation
+    if spec_changed and generation != previous_generation and status.phase != "Pending":
+        d.warning(
+            names.SPEC_CHANGE_IGNORED,
+            "spec.stages and spec.cluster cannot change once a job has started; the change is "
+            "ignored (create a new RLHFJob to run with it).",
+        )
+
+    valid = get_condition(d.status, names.COND_VALID)
+    if d.status.phase == "Failed" and valid is not None and valid.status == "False":
+        if generation != previous_generation:  # an invalid job was fixed: start over
+            d.status = RLHFJobStatus(observed_generation=generation)
+            d.normal(names.COND_VALID, "The spec is valid now; starting the job.")
+        else:
+            _finished(d)
+            return _decision(d)
+    if is_terminal(d.status.phase):
+        _finished(d)
+        return _decision(d)
+    d.condition(names.COND_VALID, True, "SpecValid", "The spec is valid.")
+
+    policy = job.spec.run_policy
+    started = parse_time(d.status.start_time)
+    if (
+        policy.active_deadline_seconds is not None
+        and started is not None
+        and d.status.phase != "Suspended"
+        and now - started > timedelta(seconds=policy.active_deadline_seconds)
+    ):
+        _fail(
+            d,
+            names.DEADLINE_EXCEEDED,
+            f"The job ran longer than spec.runPolicy.activeDeadlineSeconds "
+            f"({policy.active_deadline_seconds}s); its running stage was stopped.",
+        )
+        return _decision(d)
+    if policy.suspend and d.status.phase != "Suspended":
+        _suspend(d)
+        return _decision(d)
+
+    {
+        "Pending": _start,
+        "Provisioning": _provision,
+        "Running": _run,
+        "Suspended": _suspended,
+    }[d.status.phase](d, pinned_spec)
+    return _decision(d)
+
+
+def reject(
+    status: RLHFJobStatus, problems: list[str], now: datetime, generation: int | None
+) -> Decision:
+    """An invalid spec: Valid=False, phase Failed, one Warning event; nothing is created.
+
+    A job that already runs keeps running on the spec it started with (the caller validates
+    that one), so this only ever stops a job before it created anything.
+    """
+    new = status.model_copy(deep=True)
+    message = " ".join(problems)
+    events = []
+    valid = get_condition(new, names.COND_VALID)
+    if valid is None or valid.status != "False" or valid.message != message:
+        events.append(Event("Warning", names.INVALID_SPEC, message))
+    if generation is not None:
+        new.observed_generation = generation
+    for type_ in (names.COND_VALID, names.COND_SUCCEEDED):
+        set_condition(new, type_, "False", names.INVALID_SPEC, message, now, generation)
+    set_condition(new, names.COND_FAILED, "True", names.INVALID_SPEC, message, now, generation)
+    new.phase, new.message = "Failed", message
+    new.completion_time = new.completion_time or timestamp(now)
+    return Decision(status=new, events=events)
+
+
+def finalize(job: RLHFJob, status: RLHFJobStatus, observed: Observed, now: datetime) -> Decision:
+    """The job is being deleted: stop its running RayJob and release its cluster.
+
+    `job` needs only its metadata (name, uid): a job with a broken spec can be deleted too.
+    """
+    d = _Draft(job, status.model_copy(deep=True), observed, now, None, [], [])
+    _stop_rayjob(d)
+    release_cluster(d)
+    return _decision(d)
+
+
+def _decision(d: _Draft) -> Decision:
+    return Decision(status=d.status, actions=d.actions, events=d.events)
+
+
+# --------------------------------------------------------------------------- the cluster seams
+
+
+def acquire_cluster(d: _Draft) -> None:
+    """Give the job a cluster: record its name in status, then create it.
+
+    Seam for warm pools (issue 5): claiming a pooled cluster instead of creating one goes here.
+    """
+    name = names.cluster_name(d.name)
+    d.status.cluster.name = name
+    d.status.cluster.reused = False
+    d.status.cluster.dashboard_url = builders.dashboard_url(name, d.job.metadata.namespace)
+    d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+    d.normal(names.CLUSTER_CREATED, f"Creating RayCluster {name}.")
+
+
+def release_cluster(d: _Draft, *, announce: bool = True) -> None:
+    """The job is done with its cluster (finished, failed, suspended): delete it.
+
+    Seam for warm pools (issue 5): handing the cluster to a pool instead goes here. It is called
+    on every reconcile of a finished job while the cluster is still ours, so a failed delete is
+    retried; `announce` is False on those repeats.
+    """
+    cluster = d.observed.cluster
+    if cluster is None or cluster.deleting or not cluster.owned_by(d.name, d.uid):
+        return
+    d.actions.append(DeleteCluster(cluster.name))
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released.")
+    if announce:
+        d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}.")
+
+
+def _ensure_cluster(d: _Draft) -> bool:
+    """True when the recorded cluster is ours and ready; else create it or wait for it."""
+    name = d.status.cluster.name
+    cluster = d.observed.cluster
+    if name is None:
+        acquire_cluster(d)
+        return False
+    if cluster is None:
+        d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+        d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, f"Creating {name}.")
+        return False
+    if not cluster.owned_by(d.name, d.uid):
+        _fail(
+            d,
+            names.CLUSTER_CONFLICT,
+            f"RayCluster {name} already exists and does not belong to this RLHFJob; delete it "
+            "or give the job another name.",
+        )
+        return False
+    if cluster.deleting:
+        d.condition(
+            names.COND_CLUSTER_READY,
+            False,
+            CLUSTER_TERMINATING,
+            f"Waiting for the previous {name} to be deleted.",
+        )
+        return False
+    if not cluster.ready:
+        d.condition(
+            names.COND_CLUSTER_READY,
+            False,
+            CLUSTER_PROVISIONING,
+            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}).",
+        )
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _start(d: _Draft, pinned_spec: str | None) -> None:
+    """Pending: lay out the stages, pin the spec, acquire the cluster."""
+    s, spec = d.status, d.job.spec
+    enabled = spec.enabled_stages()
+    for stage in STAGE_ORDER:
+        if stage in enabled:
+            d.stage(stage).state = "Pending"
+            d.stage(stage).artifact = artifact_uri(spec.storage.uri, d.name, stage)
+        else:
+            d.stage(stage).state = "Skipped"
+    s.stage = enabled[0]
+    s.start_time = timestamp(d.now)
+    s.progress = progress_column(enabled[0], enabled, None)
+    if pinned_spec is not None:
+        d.actions.append(PinSpec(pinned_spec))
+    s.phase = "Provisioning"
+    s.message = "Creating the Ray cluster."
+    acquire_cluster(d)
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, "Cluster requested.")
+
+
+def _provision(d: _Draft, _: str | None) -> None:
+    """Provisioning: wait for the cluster, then start (a new attempt of) the current stage."""
+    if not _ensure_cluster(d):
+        return
+    name = d.status.cluster.name
+    d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{name} is ready.")
+    d.normal(names.CLUSTER_READY, f"RayCluster {name} is ready.")
+    _start_attempt(d, d.status.stage or d.job.spec.enabled_stages()[0])
+
+
+def _start_attempt(d: _Draft, stage: str, *, announce: bool = True) -> None:
+    """Record attempt N+1 of `stage` in status and create its RayJob."""
+    s = d.status
+    st = d.stage(stage)
+    attempt = st.attempts + 1
+    if attempt > names.MAX_ATTEMPT:
+        _fail(d, names.TOO_MANY_ATTEMPTS, f"Stage {stage} reached {names.MAX_ATTEMPT} attempts.")
+        return
+    rayjob = names.rayjob_name(d.name, stage, attempt)
+    st.attempts, st.state, st.ray_job = attempt, "Running", rayjob
+    st.start_time = st.start_time or timestamp(d.now)
+    st.completion_time = None
+    s.phase, s.stage = "Running", stage
+    s.message = f"Stage {stage}: attempt {attempt} ({rayjob})."
+    s.progress = progress_column(stage, d.job.spec.enabled_stages(), None)
+    manifest = builders.build_stage_rayjob(d.job, stage, attempt, s.cluster.name, d.owner())
+    d.actions.append(CreateRayJob(manifest))
+    if announce:
+        d.normal(names.STAGE_STARTED, f"Stage {stage} started: attempt {attempt}, RayJob {rayjob}.")
+
+
+def _run(d: _Draft, _: str | None) -> None:
+    """Running: follow the current attempt's RayJob; advance, retry or fail on its outcome."""
+    s = d.status
+    stage = s.stage or d.job.spec.enabled_stages()[0]
+    st = d.stage(stage)
+    cluster = d.observed.cluster
+    if cluster is None or cluster.deleting:  # deleted under us: make a new one, rerun the stage
+        d.warning(
+            names.CLUSTER_LOST,
+            f"RayCluster {s.cluster.name} disappeared; recreating it and restarting stage "
+            f"{stage} from its last checkpoint.",
+        )
+        if st.ray_job:
+            d.actions.append(DeleteRayJob(st.ray_job))
+        st.state = "Pending"
+        s.phase = "Provisioning"
+        _ensure_cluster(d)
+        return
+    if cluster.ready:
+        d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{cluster.name} is ready.")
+    else:  # e.g. the head pod restarts: KubeRay recovers it, the RayJob tells the outcome
+        d.condition(
+            names.COND_CLUSTER_READY, False, "HeadPodNotReady", f"{cluster.name} is not ready."
+        )
+    rayjob = d.observed.rayjob
+    if rayjob is None:
+        manifest = builders.build_stage_rayjob(d.job, stage, st.attempts, s.cluster.name, d.owner())
+        d.actions.append(CreateRayJob(manifest))  # recorded but not seen yet: ensure it
+        return
+    outcome, why = kuberay.rayjob_outcome(rayjob)
+    if outcome is kuberay.Outcome.SUCCEEDED:
+        _stage_succeeded(d, stage)
+    elif outcome is kuberay.Outcome.FAILED:
+        _stage_failed(d, stage, why)
+
+
+def _stage_succeeded(d: _Draft, stage: str) -> None:
+    s, st = d.status, d.stage(stage)
+    st.state, st.completion_time, st.message = "Succeeded", timestamp(d.now), None
+    d.condition(names.stage_condition(stage), True, "StageSucceeded", f"Stage {stage} succeeded.")
+    d.normal(names.STAGE_SUCCEEDED, f"Stage {stage} succeeded (attempt {st.attempts}).")
+    if stage == "evaluation" and st.metrics:
+        s.evaluation = EvaluationSummary(
+            win_rate=st.metrics.get("win_rate"),
+            mean_reward_before=st.metrics.get("mean_reward_sft"),
+            mean_reward_after=st.metrics.get("mean_reward_rlhf"),
+        )
+    s.reward = reward_column(st.metrics) or s.reward
+    enabled = d.job.spec.enabled_stages()
+    later = enabled[enabled.index(stage) + 1 :]
+    if later:
+        _start_attempt(d, later[0])
+        return
+    s.phase, s.completion_time = "Succeeded", timestamp(d.now)
+    s.message = f"All {len(enabled)} stages succeeded."
+    s.progress = "done"
+    d.condition(names.COND_SUCCEEDED, True, names.JOB_SUCCEEDED, s.message)
+    d.condition(names.COND_FAILED, False, names.JOB_SUCCEEDED, "")
+    d.normal(names.JOB_SUCCEEDED, s.message)
+    release_cluster(d)
+
+
+def _stage_failed(d: _Draft, stage: str, why: str) -> None:
+    st = d.stage(stage)
+    st.failures += 1
+    st.message = why
+    limit = d.job.spec.run_policy.backoff_limit
+    if st.failures <= limit:
+        d.warning(
+            names.STAGE_RETRIED,
+            f"Stage {stage} attempt {st.attempts} failed: {why}. Retrying ({st.failures} of "
+            f"{limit} retries), resuming from its last checkpoint.",
+        )
+        _start_attempt(d, stage, announce=False)
+        return
+    st.state, st.completion_time = "Failed", timestamp(d.now)
+    message = f"Stage {stage} failed after {st.attempts} attempt(s): {why}"
+    d.condition(names.stage_condition(stage), False, names.STAGE_FAILED, message)
+    d.warning(names.STAGE_FAILED, message)
+    _fail(d, names.STAGE_FAILED, message + " (spec.runPolicy.backoffLimit reached).")
+
+
+def _fail(d: _Draft, reason: str, message: str) -> None:
+    """Terminal failure: stop the running RayJob, release the cluster, say why."""
+    s = d.status
+    s.phase, s.message, s.completion_time = "Failed", message, timestamp(d.now)
+    stage = s.stages.get(s.stage or "")
+    if stage is not None and stage.state == "Running":
+        stage.state, stage.completion_time = "Failed", timestamp(d.now)
+        stage.message = message
+    d.condition(names.COND_FAILED, True, reason, message)
+    d.condition(names.COND_SUCCEEDED, False, reason, "")
+    d.warning(names.JOB_FAILED, message)
+    _stop_rayjob(d)
+    release_cluster(d)
+
+
+def _stop_rayjob(d: _Draft) -> None:
+    rayjob = d.observed.rayjob
+    if rayjob is not None and not rayjob.deleting and not kuberay.is_finished(rayjob):
+        d.actions.append(DeleteRayJob(rayjob.name))
+
+
+def _suspend(d: _Draft) -> None:
+    """Stop the running stage and release the cluster; the stage reruns on resume."""
+    s = d.status
+    _stop_rayjob(d)
+    if s.stage and s.stages.get(s.stage) and s.stages[s.stage].state == "Running":
+        s.stages[s.stage].state = "Pending"  # not a failure: resume starts a new attempt
+    s.phase, s.message = "Suspended", "Suspended by spec.runPolicy.suspend."
+    d.condition(names.COND_CLUSTER_READY, False, SUSPENDED, "The job is suspended.")
+    d.normal(names.JOB_SUSPENDED, "Job suspended: running stage stopped, cluster released.")
+    release_cluster(d)
+
+
+def _suspended(d: _Draft, pinned_spec: str | None) -> None:
+    """Suspended and no longer asked to be: resume where it stopped."""
+    s = d.status
+    if d.job.spec.run_policy.suspend:  # still suspended: keep everything released
+        _stop_rayjob(d)
+        release_cluster(d, announce=False)
+        return
+    s.start_time = timestamp(d.now)  # as Kubernetes Jobs: the deadline restarts on resume
+    d.normal(names.JOB_RESUMED, f"Job resumed at stage {s.stage}.")
+    if s.cluster.name is None:  # suspended before it ever started
+        s.phase = "Pending"
+        _start(d, pinned_spec)
+        return
+    s.phase, s.message = "Provisioning", "Resuming: recreating the Ray cluster."
+    _provision(d, pinned_spec)
+
+
+def _finished(d: _Draft) -> None:
+    """Succeeded or Failed: make sure nothing keeps running; expire after the TTL."""
+    _stop_rayjob(d)
+    release_cluster(d, announce=False)
+    ttl = d.job.spec.run_policy.ttl_seconds_after_finished
+    finished = parse_time(d.status.completion_time)
+    if ttl is not None and finished is not None and d.now >= finished + timedelta(seconds=ttl):
+        d.actions.append(DeleteJob())
+        d.normal(names.JOB_EXPIRED, f"Deleting the job {ttl}s after it finished.")

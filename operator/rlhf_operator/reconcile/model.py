@@ -1,0 +1,117 @@
+"""The state machine's vocabulary: what it observes, what it decides (plain frozen data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlhf_operator.api import RLHFJobStatus
+
+
+@dataclass(frozen=True)
+class ClusterObservation:
+    """What the operator knows of a RayCluster (from KubeRay's status)."""
+
+    name: str
+    ready: bool = False
+    state: str | None = None
+    deleting: bool = False
+    job_label: str | None = None
+    owner_uids: tuple[str, ...] = ()
+    message: str | None = None
+
+    def owned_by(self, job: str, uid: str | None) -> bool:
+        """Ours: owned by the job's uid, or (no uid known) labelled with the job's name."""
+        if uid and self.owner_uids:
+            return uid in self.owner_uids
+        return self.job_label == job
+
+
+@dataclass(frozen=True)
+class RayJobObservation:
+    """What the operator knows of a RayJob: KubeRay's two statuses, read together."""
+
+    name: str
+    job_status: str = ""
+    deployment_status: str = ""
+    reason: str = ""
+    message: str = ""
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The children of one job, as last seen: its cluster and the current attempt's RayJob."""
+
+    cluster: ClusterObservation | None = None
+    rayjob: RayJobObservation | None = None
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class PinSpec:
+    """Record the spec the job started with (done before any child is created)."""
+
+    pinned: str
+
+
+@dataclass(frozen=True)
+class CreateCluster:
+    """Create the RayCluster unless it exists (409 = already there)."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class DeleteCluster:
+    name: str
+
+
+@dataclass(frozen=True)
+class CreateRayJob:
+    """Create one stage attempt's RayJob unless it exists."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class DeleteRayJob:
+    """Delete a RayJob (KubeRay stops its Ray job first)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete the RLHFJob itself (ttlSecondsAfterFinished)."""
+
+
+Action = PinSpec | CreateCluster | DeleteCluster | CreateRayJob | DeleteRayJob | DeleteJob
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the RLHFJob."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """One reconcile's outcome: the next status, the actions (in order) and the events."""
+
+    status: RLHFJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
