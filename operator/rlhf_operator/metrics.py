@@ -33,6 +33,7 @@ isolated instances; the module-level functions use the operator's default instan
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import threading
@@ -114,6 +115,7 @@ class OperatorMetrics:
             registry=r,
         )
         self._phases: dict[tuple[str, str], str] = {}
+        self._last: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._lock = threading.Lock()  # kopf runs handlers concurrently; the phase map is shared
         self._publish_phases()
         # Known label values start at 0, so rate() and alerts see a series before the first event.
@@ -137,14 +139,20 @@ class OperatorMetrics:
         `RLHFJobStatus` models; `job` is the RLHFJob body (for name, namespace and
         creationTimestamp). Calling it with old == new is harmless and keeps the phase gauge
         right for jobs the operator resumes after a restart.
+
+        The baseline is the last status observed for the job when there is one, else `old`:
+        a reconcile that reads a stale body (the watch has not delivered the previous write
+        yet) and writes the same transition again counts nothing twice.
         """
         now = now or datetime.now(UTC)
-        old, new, body = _wire(old_status), _wire(new_status), _wire(job)
+        new, body = copy.deepcopy(dict(_wire(new_status))), _wire(job)
         meta = body.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
 
         phase = new.get("phase") or "Pending"
         with self._lock:
+            old = self._last.get(key) or _wire(old_status)
+            self._last[key] = new
             self._phases[key] = phase
             self._publish_phases()
         if is_terminal(phase) and old.get("phase") != phase:
@@ -188,6 +196,7 @@ class OperatorMetrics:
         """Drop a deleted job from the jobs-by-phase gauge."""
         with self._lock:
             self._phases.pop((namespace, name), None)
+            self._last.pop((namespace, name), None)
             self._publish_phases()
 
     def observe_pool_expiry(self, count: int = 1) -> None:

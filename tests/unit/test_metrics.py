@@ -169,6 +169,15 @@ def test_resuming_after_restart_counts_nothing_twice(metrics: OperatorMetrics) -
     assert value(again, "rlhf_operator_apply_to_first_rayjob_seconds_count") == 0
 
 
+def test_a_stale_read_that_repeats_a_write_counts_nothing_twice(metrics: OperatorMetrics) -> None:
+    a = Job(metrics, "a")
+    a.write(0, phase="Provisioning", cluster={"name": "rlhf-a"})
+    stale = {}  # the watch has not delivered the Provisioning write when the next tick runs
+    metrics.observe_transition(stale, a.status, a.body)
+    got = samples(metrics.exposition().decode())
+    assert value(got, "rlhf_operator_warm_pool_misses_total") == 1
+
+
 def test_models_and_kopf_extras_are_accepted_and_deleted_jobs_leave_the_gauge(
     metrics: OperatorMetrics,
 ) -> None:
