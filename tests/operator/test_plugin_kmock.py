@@ -25,6 +25,7 @@ from rlhf_operator.plugin.cli import main
 JOBS = f"{GROUP}/{VERSION}/{PLURAL}"
 PODS = "v1/pods"
 RAYJOBS = "ray.io/v1/rayjobs"
+EVENTS = "v1/events"
 NS = "ml"
 NOW = datetime.now(UTC)
 
@@ -232,6 +233,18 @@ def populate(emulator: SelectingEmulator) -> None:
         "crashy-ppo-2", "crashy", "ppo", OOM.format("3.10")
     )
     objects[RAYJOBS, NS, "tuned-ppo-0"] = rayjob("tuned-ppo-0", "tuned", "ppo", "ValueError: nope")
+    # Events: `describe crashy` shows crashy's, not tuned's.
+    for job_name, reason, message in (
+        ("crashy", "StageRetried", "stage ppo attempt 2 (resumes from the last checkpoint)"),
+        ("crashy", "JobFailed", "stage ppo failed 2 times"),
+        ("tuned", "StageStarted", "stage ppo started"),
+    ):
+        objects[EVENTS, NS, f"{job_name}.{reason}"] = {
+            "apiVersion": "v1", "kind": "Event", "type": "Normal", "reason": reason,
+            "message": message, "count": 1,
+            "metadata": {"name": f"{job_name}.{reason}", "namespace": NS},
+            "involvedObject": {"kind": "RLHFJob", "name": job_name, "namespace": NS},
+        }  # fmt: skip
     # Submitter pods (KubeRay's batch Job named after the RayJob): the plugin must pick tuned's.
     objects[PODS, NS, "tuned-ppo-1-abcde"] = pod("tuned-ppo-1-abcde", {"job-name": "tuned-ppo-1"})
     objects[PODS, NS, "crashy-ppo-2-fghij"] = pod(
@@ -324,6 +337,17 @@ async def test_status_json_reports_progress_and_a_repeated_failure(
     assert code == 0
     reasons = [h["reason"] for h in json.loads(out)["hints"]]
     assert reasons == ["SameErrorRepeated", "OutOfMemory"]
+
+
+async def test_describe_adds_conditions_and_the_jobs_own_events(
+    kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await run(capsys, "describe", "crashy")
+    assert code == 0
+    events = out.split("Events:")[1]
+    assert "StageRetried" in events and "stage ppo failed 2 times" in events
+    assert "StageStarted" not in events
+    assert "SameErrorRepeated" in out.split("Events:")[0]
 
 
 async def test_text_status_of_a_running_job(
