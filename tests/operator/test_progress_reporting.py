@@ -19,7 +19,8 @@ import pytest_asyncio
 import yaml
 from kubernetes import client
 from rlhf_operator.api import GROUP, PLURAL, VERSION
-from rlhf_trainer.progress import KubernetesStatusSink, ProgressReporter
+from rlhf_trainer.progress import ProgressReporter
+from rlhf_trainer.status_sink import KubernetesStatusSink
 
 RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
 NAMESPACE, NAME = "team-a", "demo"

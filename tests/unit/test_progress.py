@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from rlhf_trainer.progress import (
     FileSink,
-    KubernetesStatusSink,
     ProgressReport,
     ProgressReporter,
     estimate_eta,
     read_progress,
     redact,
 )
+from rlhf_trainer.status_sink import KubernetesStatusSink
 from rlhf_trainer.tensorboard import TensorBoardSink, tensorboard_dir
 
 
