@@ -17,7 +17,9 @@ The check and the write happen under one lock, so two racing writers cannot both
 
 For the restart tests it also holds "tripwires": stop a matching write either before it lands
 (the operator died before sending it) or right after it landed (the operator died before it saw
-the answer), until the test has killed the operator. Everything else is KMock's own behaviour.
+the answer), until the test has killed the operator. Once released, the held request is answered
+with 503 either way: the killed operator never reads an answer, and a client thread still
+blocked on it must not carry on as if it had. Everything else is KMock's own behaviour.
 """
 
 from __future__ import annotations
@@ -58,11 +60,11 @@ class InvalidError(kmock.KubernetesError):
 
 @attrs.frozen
 class ServiceUnavailableError(kmock.KubernetesError):
-    """503: a request that never reached storage (the operator was killed before sending it)."""
+    """503: the answer to a tripwired request (its operator was killed meanwhile)."""
 
     status: int = 503
     reason: str = "ServiceUnavailable"
-    message: str = "the request was dropped by a tripwire"
+    message: str = "the operator that sent this request was killed (tripwire)"
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Tripwire:
 
     `landed=True`: the write is stored first (the operator dies before reading the answer);
     `landed=False`: the write never lands (the operator dies before sending it).
+    Either way the request is then answered 503 (nobody is left to read a real answer).
     """
 
     matches: Callable[[rendering.Request], bool]
@@ -122,6 +125,7 @@ class Emulator(kmock.KubernetesEmulator):
             response = await super()._handle(request)
         if wire is not None:
             await wire._hold(request)
+            raise ServiceUnavailableError()
         return response
 
     def _take_tripwire(self, request: rendering.Request) -> Tripwire | None:
