@@ -37,6 +37,7 @@ PRINTER_COLUMNS = [
 ]
 
 _DROP = {"title", "additionalProperties", "$defs"}
+_EXCLUSIVE_BOUNDS = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -76,6 +77,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = {name: _structural(prop, defs) for name, prop in value.items()}
         elif key in ("items", "additionalProperties"):
             out[key] = _structural(value, defs)
+        elif key in _EXCLUSIVE_BOUNDS:
+            # JSON Schema's numeric `exclusiveMinimum: x` is OpenAPI v3.0's `minimum: x` plus
+            # `exclusiveMinimum: true`; the API server rejects a number there.
+            out[_EXCLUSIVE_BOUNDS[key]] = value
+            out[key] = True
         else:
             out[key] = value
     if out.get("default", 0) is None:
