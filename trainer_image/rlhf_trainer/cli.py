@@ -1,0 +1,99 @@
+"""The `rlhf` command (and `python -m rlhf_trainer`).
+
+    rlhf run job.yaml [--output DIR] [--resume] [--verbose]
+        the whole job locally: one local Ray, every enabled stage, progress bars, summary.json
+    rlhf stage <sft|reward|ppo|evaluation> --job '<RLHFJob JSON>'|job.yaml
+               [--attempt N] [--resume-from URI]
+        one stage: what a stage RayJob runs (CONTRACTS.md §1); attaches to the running Ray
+
+Exit codes: 0 success, 1 the stage failed, 2 bad input (the message, naming the spec field, is
+the last line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rlhf_operator.api import STAGE_ORDER
+
+from rlhf_trainer.jobspec import UserError
+
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="rlhf", description="RLHF trainer (Ray Train + DeepSpeed).")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a whole RLHFJob locally")
+    run.add_argument("manifest", help="RLHFJob manifest (YAML or JSON file)")
+    run.add_argument("--output", help="output directory (overrides spec.storage.uri)")
+    run.add_argument(
+        "--resume", action="store_true", help="resume each stage from its last checkpoint"
+    )
+    run.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    stage = commands.add_parser("stage", help="run one stage (what a stage RayJob runs)")
+    stage.add_argument("stage", choices=STAGE_ORDER)
+    stage.add_argument("--job", required=True, help="RLHFJob as JSON, or a .json/.yaml path")
+    stage.add_argument("--attempt", type=int, default=1, help="1-based attempt number")
+    stage.add_argument("--resume-from", help="checkpoint directory URI to resume from")
+    return root
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from rlhf_trainer.jobspec import load_job, with_absolute_paths
+    from rlhf_trainer.launcher import run_stage
+    from rlhf_trainer.summary import stage_line
+
+    job = with_absolute_paths(load_job(args.job))
+    result = run_stage(
+        job, args.stage, attempt=args.attempt, resume_from=args.resume_from, attach=True
+    )
+    print(stage_line(result), flush=True)
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "metrics": result.metrics,
+                "resumedFromStep": result.resumed_from_step,
+            }
+        )
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    from rlhf_trainer.local import run_local
+
+    run_local(
+        args.manifest,
+        args.output,
+        resume=args.resume,
+        verbose=args.verbose,
+        progress_bars=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rlhf_trainer.launcher import StageFailed
+
+    try:
+        _run(args) if args.command == "run" else _stage(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Driver side of a stage: Ray, the TorchTrainer, checkpoints to resume from, the result.
+
+    result = run_stage(job, "sft")            # a StageResult: metrics, history, timings
+
+is what `python -m rlhf_trainer stage` and `rlhf run` call for every stage, and what a benchmark
+can time. Ray is started (or attached to) once per process and reused by every later stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_operator.api import RLHFJob
+
+from rlhf_trainer.artifacts import (
+    CHECKPOINTS_DIR,
+    HISTORY_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    Artifact,
+    delete_tree,
+    latest_checkpoint,
+    read_json,
+    read_jsonl,
+)
+from rlhf_trainer.jobspec import UserError
+from rlhf_trainer.stages import STAGE_MODULES
+from rlhf_trainer.worker import (
+    CONFIG_ATTEMPT,
+    CONFIG_JOB,
+    CONFIG_PROGRESS_FILE,
+    CONFIG_STAGE,
+    CONFIG_SUBMITTED_AT,
+)
+
+logger = logging.getLogger("rlhf_trainer")
+
+# Worker failures inside one attempt are retried by Ray Train from the attempt's last
+# checkpoint; the operator's spec.runPolicy.backoffLimit retries whole attempts on top.
+WORKER_FAILURE_RETRIES = 2
+CHECKPOINTS_TO_KEEP = 2
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # the stages pass only small configs through Ray
+
+
+class StageFailed(RuntimeError):
+    """A stage's workers failed for a reason that is not the user's input."""
+
+
+@dataclass
+class StageResult:
+    """What a stage did: its final metrics, per-step history and where time went."""
+
+    stage: str
+    artifact: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    total_steps: int = 0
+    steps_run: int = 0
+    resumed_from_step: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
+    """Why the stage did not run (a pretrained reward model was given), else None."""
+
+
+def stage_module(stage: str):
+    if stage not in STAGE_MODULES:
+        raise UserError(f"unknown stage {stage!r}; use one of {', '.join(STAGE_MODULES)}.")
+    return importlib.import_module(STAGE_MODULES[stage])
+
+
+def preflight(job: RLHFJob, stage: str, check_upstream: bool = True) -> None:
+    """Check a stage's inputs (datasets, fields, model paths) before any worker starts."""
+    stage_module(stage).preflight(job, check_upstream)
+
+
+# ---------------------------------------------------------------------- Ray
+
+
+def ensure_ray(*, attach: bool, num_cpus: int | None = None, verbose: bool = False) -> float:
+    """Connect to Ray once per process; seconds it took (0 when already connected).
+
+    `attach`: join the running cluster (RAY_ADDRESS, or one started with `ray start`), as a
+    stage RayJob does, falling back to a local instance; otherwise always start a local one
+    (`rlhf run`: one local Ray for every stage).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    started = time.perf_counter()
+    if attach:
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+            return time.perf_counter() - started
+        except ConnectionError:
+            logger.info("no running Ray cluster found; starting a local one")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        # The stages' own warnings (resumed from step N) reach the driver through the result.
+        logging_level=logging.WARNING,
+    )
+    return time.perf_counter() - started
+
+
+def _cpus_per_worker(job: RLHFJob) -> float:
+    """The spec's CPU request per worker, capped by what this Ray cluster can give each one."""
+    import ray
+
+    workers = job.spec.cluster.workers
+    requested = str(workers.resources.requests.get("cpu", "1"))
+    cpus = float(requested[:-1]) / 1000 if requested.endswith("m") else float(requested)
+    available = ray.cluster_resources().get("CPU", 1.0) / workers.replicas
+    return max(1.0, min(cpus, float(int(available))))
+
+
+# ---------------------------------------------------------------------- stages
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The worker's own exception inside Ray Train's wrappers."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+            continue
+        cause = getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        break
+    return exc
+
+
+def _resume_checkpoint(artifact: Artifact, resume_from: str | None):
+    """The checkpoint to resume from, and whether the stage's own checkpoints are kept.
+
+    No `resume_from`: a fresh attempt; stale checkpoints of an earlier run are removed, so Ray
+    Train's own restore (which resumes from a run directory's snapshot) cannot pick them up.
+    """
+    from ray.train import Checkpoint
+
+    own = artifact.uri_of(CHECKPOINTS_DIR)
+    if resume_from is None:
+        delete_tree(own)
+        return None
+    if resume_from.rstrip("/") != own:
+        delete_tree(own)
+    found = latest_checkpoint(resume_from)
+    if found is None:
+        logger.warning("no checkpoint under %s: starting fresh", resume_from)
+        return None
+    uri, step = found
+    logger.warning("resuming from the checkpoint at step %d (%s)", step, uri)
+    return Checkpoint(uri)
+
+
+def run_stage(
+    job: RLHFJob,
+    stage: str,
+    *,
+    attempt: int = 1,
+    resume_from: str | None = None,
+    progress_file: str | None = None,
+    attach: bool = False,
+    verbose: bool = False,
+) -> StageResult:
+    """Run one stage of `job` as a Ray Train TorchTrainer over the spec's workers."""
+    started = time.perf_counter()
+    artifact = Artifact(job.spec.storage.uri, job.metadata.name, stage)
+    if stage == "reward" and job.spec.stages.reward.model:
+        return StageResult(
+            stage,
+            artifact.uri,
+            skipped=f"pretrained reward model {job.spec.stages.reward.model}",
+        )
+    module = stage_module(stage)
+    module.preflight(job, True)
+    ray_seconds = ensure_ray(attach=attach, verbose=verbose)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers = job.spec.cluster.workers
+    use_gpu = workers.gpus_per_worker > 0
+    resources = {"CPU": _cpus_per_worker(job)}
+    if use_gpu:
+        resources["GPU"] = workers.gpus_per_worker
+    resume = _resume_checkpoint(artifact, resume_from)
+    if progress_file:
+        os.makedirs(os.path.dirname(progress_file) or ".", exist_ok=True)
+    loop_config: dict[str, Any] = {
+        CONFIG_JOB: job.model_dump(mode="json", by_alias=True, exclude={"status"}),
+        CONFIG_STAGE: stage,
+        CONFIG_ATTEMPT: attempt,
+        CONFIG_PROGRESS_FILE: progress_file,
+        CONFIG_SUBMITTED_AT: time.time(),
+    }
+    trainer = TorchTrainer(
+        module.train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers.replicas, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=artifact.uri,
+            failure_config=FailureConfig(max_failures=WORKER_FAILURE_RETRIES),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+        ),
+        resume_from_checkpoint=resume,
+    )
+    fit_started = time.perf_counter()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise StageFailed(f"{stage} failed: {type(cause).__name__}: {cause}") from exc
+    fit_ended = time.time()
+    fit_seconds = time.perf_counter() - fit_started
+    return _result(stage, artifact, started, ray_seconds, fit_seconds, fit_ended)
+
+
+def _result(
+    stage: str,
+    artifact: Artifact,
+    started: float,
+    ray_seconds: float,
+    fit_seconds: float,
+    fit_ended: float,
+) -> StageResult:
+    run = read_json(artifact.uri_of(RUN_FILE)) or {}
+    timings = {f"{name}_s": value for name, value in run.get("timings", {}).items()}
+    timings.update(
+        ray_start_s=ray_seconds,
+        fit_s=fit_seconds,
+        worker_group_start_s=run.get("worker_group_start", 0.0),
+        teardown_s=max(0.0, fit_ended - run.get("finished_at", fit_ended)),
+    )
+    return StageResult(
+        stage=stage,
+        artifact=artifact.uri,
+        metrics=read_json(artifact.uri_of(METRICS_FILE)) or {},
+        history=read_jsonl(artifact.uri_of(HISTORY_FILE)),
+        seconds=time.perf_counter() - started,
+        total_steps=int(run.get("total_steps", 0)),
+        steps_run=int(run.get("steps_run", 0)),
+        resumed_from_step=run.get("resumed_from_step"),
+        timings=timings,
+    )

@@ -1,0 +1,9 @@
+"""The four stages. Each module has `preflight(job, check_upstream)` (driver side: fail fast
+with a message naming the field) and `train_loop(config)` (what every Ray Train worker runs)."""
+
+STAGE_MODULES = {
+    "sft": "rlhf_trainer.stages.sft",
+    "reward": "rlhf_trainer.stages.reward",
+    "ppo": "rlhf_trainer.stages.ppo",
+    "evaluation": "rlhf_trainer.stages.evaluation",
+}
