@@ -95,7 +95,10 @@ def configure() -> None:
     try:
         kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)
+        # $KUBECONFIG read now (the client library reads it once, at import)
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=config
+        )
     # One connection per concurrent worker thread: urllib3 would otherwise discard and reopen.
     config.connection_pool_maxsize = POOL_SIZE
     with _lock:

@@ -30,3 +30,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.INFO  # Normal events (StageStarted...) are posted too
     settings.execution.max_workers = WORKERS
+    # A timer caught mid-reconcile by a deletion finishes within milliseconds; kopf's default
+    # re-check after 60 s would hold the deletion that long.
+    settings.background.cancellation_polling = 1

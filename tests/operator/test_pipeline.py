@@ -1,0 +1,260 @@
+"""The real operator (kopf) against the emulated API server and a simulated KubeRay.
+
+Each test creates RLHFJobs the way `kubectl apply` would and asserts what a user sees: phase,
+conditions, Events, and which RayClusters/RayJobs exist or ever existed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import kmock
+from kube_sim import (
+    FAIL,
+    HANG,
+    JOBS,
+    RAYCLUSTERS,
+    RAYJOBS,
+    SUCCEED,
+    OperatorRunner,
+    RLHFEmulator,
+    SimulatedKubeRay,
+    create_job,
+    delete_job,
+    eventually,
+    patch_job,
+    sample_job,
+    stage_of,
+)
+from rlhf_operator import names
+
+NS = "ns"
+STAGES = ("sft", "reward", "ppo", "evaluation")
+
+
+def status(api: RLHFEmulator, name: str) -> dict[str, Any]:
+    return (api.get(JOBS, NS, name) or {}).get("status") or {}
+
+
+def phase_is(api: RLHFEmulator, name: str, phase: str):
+    return lambda: status(api, name).get("phase") == phase
+
+
+def conditions(api: RLHFEmulator, name: str) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status(api, name).get("conditions", [])}
+
+
+def ever_existed(api: RLHFEmulator, resource: str) -> list[str]:
+    """Names of every object of `resource` that was ever created (deleted ones too)."""
+    wanted = kmock.resource(resource)
+    return sorted(name for (res, _, name) in api.objects if res == wanted)
+
+
+def entrypoint(api: RLHFEmulator, rayjob: str) -> list[str]:
+    return shlex.split(api.get(RAYJOBS, NS, rayjob)["spec"]["entrypoint"])
+
+
+def running(api: RLHFEmulator, rayjob: str):
+    return lambda: (
+        ((api.get(RAYJOBS, NS, rayjob) or {}).get("status") or {}).get("jobStatus") == "RUNNING"
+    )
+
+
+async def test_happy_path_runs_all_four_stages_on_one_cluster(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    await create_job(api, sample_job("happy"))
+    await eventually(phase_is(api, "happy", "Succeeded"), timeout=30)
+
+    assert kuberay.submitted == [f"happy-{stage}-1" for stage in STAGES]
+    assert ever_existed(api, RAYCLUSTERS) == ["happy-ray"]
+    for stage in STAGES:
+        spec = api.get(RAYJOBS, NS, f"happy-{stage}-1")["spec"]
+        assert spec["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "happy-ray"}
+        assert "backoffLimit" not in spec
+    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=5)  # released at the end
+
+    job = status(api, "happy")
+    assert job["observedGeneration"] == 1
+    assert {s: job["stages"][s]["state"] for s in STAGES} == dict.fromkeys(STAGES, "Succeeded")
+    assert job["stages"]["ppo"]["artifact"] == "s3://bucket/rlhf/happy/ppo"
+    conds = conditions(api, "happy")
+    assert conds["Valid"][0] == conds["Succeeded"][0] == conds["SftComplete"][0] == "True"
+    assert conds["Failed"][0] == "False"
+    await eventually(lambda: "ClusterDeleted" in api.reasons_for("happy"), timeout=5)
+    reasons = api.reasons_for("happy")
+    for reason in ("ClusterCreated", "ClusterReady", "StageSucceeded", "JobSucceeded"):
+        assert reason in reasons
+    assert reasons.count("StageStarted") == 4
+    # the job's spec is pinned at start; kopf keeps its state in annotations, not in status
+    annotations = api.get(JOBS, NS, "happy")["metadata"]["annotations"]
+    assert names.ANNOTATION_PINNED_SPEC in annotations
+    assert "kopf" not in job
+
+
+async def test_a_stage_that_fails_once_is_retried_from_its_checkpoint(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: FAIL if stage_of(rj) == ("ppo", 1) else SUCCEED
+    await create_job(api, sample_job("flaky"))
+    await eventually(phase_is(api, "flaky", "Succeeded"), timeout=30)
+
+    assert "flaky-ppo-1" in kuberay.submitted and "flaky-ppo-2" in kuberay.submitted
+    args = entrypoint(api, "flaky-ppo-2")
+    assert args[args.index("--attempt") + 1] == "2"
+    assert args[args.index("--resume-from") + 1] == "s3://bucket/rlhf/flaky/ppo/checkpoints"
+    assert "--resume-from" not in entrypoint(api, "flaky-ppo-1")
+    ppo = status(api, "flaky")["stages"]["ppo"]
+    assert (ppo["attempts"], ppo["failures"], ppo["state"]) == (2, 1, "Succeeded")
+    assert api.reasons_for("flaky").count("StageRetried") == 1
+    assert ever_existed(api, RAYCLUSTERS) == ["flaky-ray"]
+
+
+async def test_a_stage_that_exhausts_its_retries_fails_the_job_with_the_reason(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: FAIL if stage_of(rj)[0] == "sft" else SUCCEED
+    await create_job(api, sample_job("doomed"))  # backoffLimit 1: two attempts
+    await eventually(phase_is(api, "doomed", "Failed"), timeout=30)
+
+    job = status(api, "doomed")
+    assert "Stage sft failed after 2 attempt(s)" in job["message"]
+    assert "CUDA out of memory" in job["message"]
+    assert conditions(api, "doomed")["Failed"] == ("True", "StageFailed")
+    assert conditions(api, "doomed")["SftComplete"][0] == "False"
+    assert kuberay.submitted == ["doomed-sft-1", "doomed-sft-2"]  # no later stage ran
+    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=5)
+    await eventually(lambda: "JobFailed" in api.reasons_for("doomed"), timeout=5)
+    assert "StageFailed" in api.reasons_for("doomed")
+
+
+async def test_an_operator_restart_mid_stage_resumes_without_duplicates(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    finish_ppo = False
+    kuberay.plan = lambda rj: HANG if stage_of(rj)[0] == "ppo" and not finish_ppo else SUCCEED
+    await create_job(api, sample_job("phoenix"))
+    await eventually(running(api, "phoenix-ppo-1"), timeout=20)
+
+    await operator.stop()
+    finish_ppo = True  # the stage ends while no operator watches
+    await eventually(lambda: api.get(RAYJOBS, NS, "phoenix-ppo-1")["status"].get("jobStatus")
+                     == "SUCCEEDED")  # fmt: skip
+    await operator.start()
+    await eventually(phase_is(api, "phoenix", "Succeeded"), timeout=30)
+
+    assert ever_existed(api, RAYCLUSTERS) == ["phoenix-ray"]
+    assert ever_existed(api, RAYJOBS) == sorted(f"phoenix-{s}-1" for s in STAGES)
+    assert status(api, "phoenix")["stages"]["ppo"]["attempts"] == 1
+
+
+async def test_an_operator_killed_right_after_creating_a_rayjob_creates_no_second_one(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    # The RayJob create lands, but the operator dies before it sees the answer.
+    wire = api.tripwire(
+        lambda r: r.action == kmock.action.CREATE and r.resource == kmock.resource(RAYJOBS),
+        landed=True,
+    )
+    await create_job(api, sample_job("crash"))
+    await eventually(wire.tripped.is_set, timeout=20)
+    stopping = operator.stop()
+    wire.release()
+    await stopping
+    await operator.start()
+    await eventually(phase_is(api, "crash", "Succeeded"), timeout=30)
+
+    assert ever_existed(api, RAYJOBS) == sorted(f"crash-{s}-1" for s in STAGES)
+    assert ever_existed(api, RAYCLUSTERS) == ["crash-ray"]
+
+
+async def test_deleting_a_running_job_stops_its_rayjob_and_deletes_its_cluster(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: HANG
+    await create_job(api, sample_job("gone"))
+    await eventually(running(api, "gone-sft-1"), timeout=20)
+    assert names.FINALIZER in api.get(JOBS, NS, "gone")["metadata"]["finalizers"]
+
+    await delete_job(api, NS, "gone")
+    await eventually(lambda: api.get(JOBS, NS, "gone") is None, timeout=10)
+    assert not api.live(RAYCLUSTERS)
+    assert not api.live(RAYJOBS)
+
+
+async def test_an_invalid_spec_fails_with_a_message_and_creates_nothing(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    await create_job(api, sample_job("local", storage={"uri": "/tmp/out", "secretRef": None}))
+    await eventually(phase_is(api, "local", "Failed"), timeout=10)
+
+    assert conditions(api, "local")["Valid"] == ("False", "InvalidSpec")
+    assert "spec.storage.uri" in status(api, "local")["message"]
+    await eventually(lambda: "InvalidSpec" in api.reasons_for("local"), timeout=5)
+    warning = next(e for e in api.events_for("local") if e["reason"] == "InvalidSpec")
+    assert warning["type"] == "Warning" and "pvc://" in warning["message"]
+    assert ever_existed(api, RAYCLUSTERS) == ever_existed(api, RAYJOBS) == []
+
+    # fixing the spec starts the job
+    await patch_job(api, NS, "local", {"spec": {"storage": {"uri": "s3://bucket/x"}}})
+    await eventually(phase_is(api, "local", "Succeeded"), timeout=30)
+
+
+async def test_suspend_releases_everything_and_resume_continues_the_stage(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: HANG if stage_of(rj) == ("reward", 1) else SUCCEED
+    await create_job(api, sample_job("nap"))
+    await eventually(running(api, "nap-reward-1"), timeout=20)
+
+    await patch_job(api, NS, "nap", {"spec": {"runPolicy": {"suspend": True}}})
+    await eventually(phase_is(api, "nap", "Suspended"), timeout=10)
+    gone = lambda: not api.live(RAYCLUSTERS) and api.get(RAYJOBS, NS, "nap-reward-1") is None  # noqa: E731
+    await eventually(gone, timeout=10)  # the running stage stopped, the cluster released
+    assert status(api, "nap")["stages"]["sft"]["state"] == "Succeeded"
+
+    await patch_job(api, NS, "nap", {"spec": {"runPolicy": {"suspend": False}}})
+    await eventually(phase_is(api, "nap", "Succeeded"), timeout=30)
+    reward = status(api, "nap")["stages"]["reward"]
+    assert (reward["attempts"], reward["failures"]) == (2, 0)  # a resume is not a failure
+    assert "--resume-from" in entrypoint(api, "nap-reward-2")
+    assert "nap-sft-2" not in kuberay.submitted  # finished stages do not rerun
+    reasons = api.reasons_for("nap")
+    assert "JobSuspended" in reasons and "JobResumed" in reasons
+
+
+async def test_active_deadline_fails_the_job_and_stops_its_rayjob(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: HANG
+    await create_job(api, sample_job("late", runPolicy={"activeDeadlineSeconds": 2}))
+    await eventually(phase_is(api, "late", "Failed"), timeout=20)
+
+    assert conditions(api, "late")["Failed"] == ("True", "DeadlineExceeded")
+    assert "activeDeadlineSeconds" in status(api, "late")["message"]
+    await eventually(lambda: not api.live(RAYJOBS) and not api.live(RAYCLUSTERS), timeout=10)
+
+
+async def test_a_finished_job_is_deleted_after_its_ttl(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    await create_job(api, sample_job("brief", runPolicy={"ttlSecondsAfterFinished": 1}))
+    await eventually(lambda: api.get(JOBS, NS, "brief") is None, timeout=30)
+    assert ever_existed(api, RAYJOBS) == sorted(f"brief-{s}-1" for s in STAGES)
+
+
+async def test_stage_changes_after_start_are_ignored_with_a_warning(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.plan = lambda rj: HANG if stage_of(rj)[0] == "sft" else SUCCEED
+    await create_job(api, sample_job("steady"))
+    await eventually(running(api, "steady-sft-1"), timeout=20)
+
+    await patch_job(api, NS, "steady", {"spec": {"stages": {"ppo": {"steps": 7}}}})
+    await eventually(lambda: "SpecChangeIgnored" in api.reasons_for("steady"), timeout=10)
+    kuberay.plan = lambda rj: SUCCEED
+    await eventually(phase_is(api, "steady", "Succeeded"), timeout=30)
+    args = entrypoint(api, "steady-ppo-1")
+    assert '"steps":100' in args[args.index("--job") + 1]  # the spec it started with
+    assert status(api, "steady")["observedGeneration"] == 2
