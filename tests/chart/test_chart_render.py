@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -121,6 +122,18 @@ def test_rendered_crd_is_a_valid_crd(render: Render, version: str) -> None:
     kubernetes_validate.validate(crd, version, strict=True)
     (served,) = crd["spec"]["versions"]
     assert served["subresources"] == {"status": {}}
+
+
+def test_packaged_chart_still_carries_the_crd(helm: str, tmp_path: Path) -> None:
+    """`helm package` (what a chart repository serves) keeps files/crds, so the CRD template
+    renders from the .tgz as it does from the checkout."""
+    done = run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (package,) = tmp_path.glob("rlhf-operator-*.tgz")
+    done = run_helm(helm, "template", RELEASE, str(package), "--show-only", "templates/crds.yaml")
+    assert done.returncode == 0, done.stderr
+    crd = yaml.safe_load(done.stdout)
+    assert crd["metadata"]["name"] == yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
 
 
 def test_crds_can_be_left_to_someone_else(render: Render) -> None:
