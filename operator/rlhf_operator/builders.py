@@ -126,12 +126,21 @@ def _volumes(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
+def job_env(job: RLHFJob) -> dict[str, str]:
+    """The job's identity for the trainer (CONTRACTS.md §2), passed per RayJob in its runtime
+    env, never baked into the RayCluster: a warm-pool cluster serves many jobs in turn."""
+    return {
+        "RLHF_JOB_NAME": job.metadata.name,
+        "RLHF_JOB_NAMESPACE": job.metadata.namespace or "default",
+    }
+
+
 def _env(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Container env and envFrom (CONTRACTS.md §2): job identity, storage secret by name."""
-    env = [
-        {"name": "RLHF_JOB_NAME", "value": job.metadata.name},
-        {"name": "RLHF_JOB_NAMESPACE", "value": job.metadata.namespace or "default"},
-    ]
+    """Container env and envFrom of the Ray pods: storage endpoint, storage Secret by name.
+
+    Only what the warm-pool signature covers (rlhf_operator.warmpool): nothing job-specific.
+    """
+    env: list[dict[str, Any]] = []
     storage = job.spec.storage
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
@@ -157,7 +166,7 @@ def _pod_template(
     full_container = {
         "image": cluster.image,
         "imagePullPolicy": cluster.image_pull_policy,
-        "env": env,
+        **({"env": env} if env else {}),
         **({"envFrom": env_from} if env_from else {}),
         "volumeMounts": mounts,
         "securityContext": _container_security_context(),
@@ -183,6 +192,9 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
     cluster = job.spec.cluster
     workers = cluster.workers
     labels = child_labels(job)
+    # The pods carry no job label: a warm-pool cluster outlives its first job (KubeRay's
+    # ray.io/cluster label finds them).
+    pod_labels = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
     head_resources = cluster.head.resources
     worker_requests = dict(workers.resources.requests)
     worker_limits = dict(workers.resources.limits)
@@ -201,12 +213,12 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
                 {"name": "client", "containerPort": 10001},
             ],
         },
-        labels,
+        pod_labels,
     )
     worker = _pod_template(
         job,
         {"name": WORKER_CONTAINER, "resources": _resources(worker_requests, worker_limits)},
-        labels,
+        pod_labels,
         nodeSelector=dict(workers.node_selector),
         tolerations=[t.to_wire() for t in workers.tolerations],
         affinity=workers.affinity,
@@ -316,6 +328,8 @@ def build_stage_rayjob(
         "spec": {
             "clusterSelector": {names.LABEL_RAY_CLUSTER: cluster_name},
             "entrypoint": stage_entrypoint(job, stage, attempt),
+            # JSON is YAML: the job's identity reaches the driver and every Ray worker of it.
+            "runtimeEnvYAML": json.dumps({"env_vars": job_env(job)}, sort_keys=True),
             "shutdownAfterJobFinishes": False,
             "submissionMode": "K8sJobMode",
             "submitterPodTemplate": _submitter_template(job, labels),
