@@ -14,12 +14,14 @@ A pooled RayCluster is recognised by its labels and annotations::
 
 Safety rests on two rules:
 
-1. Everything baked into the RayCluster (image, pod shapes, GPUs, scheduling, ServiceAccount,
-   Secret and volume mounts, namespace) is in the signature; everything that differs between
-   jobs (job name, model, data, storage path, hyper-parameters) is passed per RayJob. So a
-   claimed cluster is exactly the cluster the new job would have built, and nothing of the
-   previous job (its name, its Secret, its volume) reaches the next one unless the next one
-   would have had it too. tests/unit/test_warmpool.py checks the builders against this rule.
+1. The signature hashes the RayCluster spec the builders make for the job (image, pod shapes,
+   GPUs, scheduling, ServiceAccount, Secret and volume mounts: everything baked into the pods,
+   including whatever a later version adds), plus the namespace and the explicit pool name.
+   Whatever differs between jobs (job name, model, data, storage path, hyper-parameters) is
+   passed per RayJob, never baked into the cluster. So a claimed cluster is exactly the cluster
+   the new job would have built, and nothing of the previous job (its name, Secret, volumes)
+   reaches the next one unless the next one would have had it too.
+   tests/unit/test_warmpool.py holds the builders to this rule.
 2. A claim is one merge-patch carrying the cluster's `metadata.resourceVersion`: the API server
    applies it only if nobody wrote the cluster since it was read, so two racing jobs never both
    get it (the loser sees 409 Conflict and takes another cluster or creates its own).
@@ -30,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rlhf_operator import builders
 from rlhf_operator.api import GROUP, RLHFJob
-from rlhf_operator.api.storage import pvc_claim
 from rlhf_operator.names import LABEL_JOB
 
 LABEL_SIGNATURE = f"{GROUP}/pool-signature"
@@ -60,6 +63,7 @@ the head stopped answering). `AppFailed` (the stage's own exit code) and `Deadli
 are the job's own failures: its cluster may still be pooled."""
 
 _UNHEALTHY_CONDITIONS = {"HeadPodReady": "False", "RayClusterReplicaFailure": "True"}
+_SIGNATURE_CLUSTER_NAME = "pool"  # the name is metadata, not spec: any placeholder will do
 
 
 # --------------------------------------------------------------------------- the signature
@@ -68,21 +72,15 @@ _UNHEALTHY_CONDITIONS = {"HeadPodReady": "False", "RayClusterReplicaFailure": "T
 def signature_material(job: RLHFJob) -> dict[str, Any]:
     """Everything that must be equal for two jobs to share a Ray cluster (hashed as is).
 
-    The whole `spec.cluster` (image, pull policy, ServiceAccount, head and worker shapes, GPUs,
-    node selector, tolerations, affinity: any field added there later is covered too), the
-    storage that is mounted into the pods (Secret, endpoint, PVC claim; not the path, which the
-    RayJob carries), the namespace, and the optional explicit pool name.
+    The RayCluster spec the builders make for the job: what the pods run and mount, whoever
+    wrote the field (spec.cluster, storage Secret and endpoint, every pvc:// claim the job reads
+    or writes). Plus the namespace (no reuse across tenants) and the explicit pool name.
     """
-    storage = job.spec.storage
+    cluster = builders.build_raycluster(job, _SIGNATURE_CLUSTER_NAME, owner={})
     return {
         "namespace": job.metadata.namespace or "",
         "pool": job.spec.warm_pool.pool,
-        "cluster": job.spec.cluster.to_wire(),
-        "storage": {
-            "secret": storage.secret_ref.name if storage.secret_ref else None,
-            "endpoint": storage.endpoint,
-            "pvcClaim": pvc_claim(storage.uri),
-        },
+        "rayClusterSpec": cluster["spec"],
     }
 
 
@@ -92,39 +90,74 @@ def pool_signature(job: RLHFJob) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:SIGNATURE_LENGTH]
 
 
-def pool_selector(signature: str) -> str:
-    """Label selector of the available clusters of one signature (for a LIST call)."""
-    return f"{LABEL_SIGNATURE}={signature},{LABEL_STATE}={STATE_AVAILABLE}"
+# --------------------------------------------------------------------------- observing
 
 
-# --------------------------------------------------------------------------- reading a cluster
+@dataclass(frozen=True)
+class PoolCluster:
+    """What the warm pool needs to know of a RayCluster (read from its labels and status)."""
+
+    namespace: str
+    name: str
+    resource_version: str
+    signature: str | None = None
+    state: str | None = None  # available | claimed | None (never pooled)
+    claimed_by: str | None = None  # uid of the claiming job
+    expires_at: datetime | None = None
+    released_by: str | None = None  # <namespace>/<job> that used it last
+    healthy: bool = False
+    owned: bool = False  # has ownerReferences (a job's, not the pool's)
+    deleting: bool = False
+
+    def expired(self, now: datetime) -> bool:
+        """An available cluster past its expiry (or with no readable expiry: never claimable)."""
+        if self.state != STATE_AVAILABLE:
+            return False
+        return self.expires_at is None or self.expires_at <= now
+
+    def seconds_to_expiry(self, now: datetime) -> float:
+        """Seconds until it expires (0 once it has, or when it has no expiry)."""
+        if self.expires_at is None:
+            return 0.0
+        return max((self.expires_at - now).total_seconds(), 0.0)
+
+    def claimable(self, signature: str, now: datetime) -> bool:
+        """Available for `signature`: unexpired, healthy, owned by nobody, not being deleted."""
+        return (
+            self.signature == signature
+            and self.state == STATE_AVAILABLE
+            and not self.expired(now)
+            and self.healthy
+            and not self.owned
+            and not self.deleting
+        )
+
+    def claimed_by_job(self, uid: str | None) -> bool:
+        """Claimed out of the pool by the job with this uid (and not being deleted)."""
+        return uid is not None and self.claimed_by == uid and not self.deleting
 
 
-def _meta(cluster: Mapping[str, Any]) -> Mapping[str, Any]:
-    return cluster.get("metadata") or {}
+def observe(body: Mapping[str, Any]) -> PoolCluster:
+    """Read a RayCluster manifest (as listed or watched) into a `PoolCluster`."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    return PoolCluster(
+        namespace=meta.get("namespace") or "",
+        name=meta.get("name") or "",
+        resource_version=str(meta.get("resourceVersion") or ""),
+        signature=labels.get(LABEL_SIGNATURE),
+        state=labels.get(LABEL_STATE),
+        claimed_by=labels.get(LABEL_CLAIMED_BY),
+        expires_at=_parse_time(annotations.get(ANNOTATION_EXPIRES_AT)),
+        released_by=annotations.get(ANNOTATION_RELEASED_BY),
+        healthy=is_healthy(body),
+        owned=bool(meta.get("ownerReferences")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
 
 
-def _labels(cluster: Mapping[str, Any]) -> Mapping[str, str]:
-    return _meta(cluster).get("labels") or {}
-
-
-def _annotations(cluster: Mapping[str, Any]) -> Mapping[str, str]:
-    return _meta(cluster).get("annotations") or {}
-
-
-def pool_state(cluster: Mapping[str, Any]) -> str | None:
-    """`available`, `claimed`, or None for a cluster that never was in a pool."""
-    return _labels(cluster).get(LABEL_STATE)
-
-
-def claimed_by(cluster: Mapping[str, Any]) -> str | None:
-    """The uid of the job that claimed the cluster out of the pool, if any."""
-    return _labels(cluster).get(LABEL_CLAIMED_BY)
-
-
-def expires_at(cluster: Mapping[str, Any]) -> datetime | None:
-    """When an available cluster stops being claimable (None: no valid expiry annotation)."""
-    raw = _annotations(cluster).get(ANNOTATION_EXPIRES_AT)
+def _parse_time(raw: str | None) -> datetime | None:
     if not raw:
         return None
     try:
@@ -134,25 +167,11 @@ def expires_at(cluster: Mapping[str, Any]) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def expired(cluster: Mapping[str, Any], now: datetime) -> bool:
-    """True for an available pool cluster past its expiry (or with no readable expiry)."""
-    if pool_state(cluster) != STATE_AVAILABLE:
+def is_healthy(body: Mapping[str, Any]) -> bool:
+    """Up now (KubeRay state `ready`), not being deleted, and no condition says otherwise."""
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    deadline = expires_at(cluster)
-    return deadline is None or deadline <= now
-
-
-def seconds_to_expiry(cluster: Mapping[str, Any], now: datetime) -> float:
-    """Seconds until an available cluster expires (0 when it already has)."""
-    deadline = expires_at(cluster)
-    return 0.0 if deadline is None else max((deadline - now).total_seconds(), 0.0)
-
-
-def is_healthy(cluster: Mapping[str, Any]) -> bool:
-    """The cluster is up (KubeRay state `ready`), not being deleted, and no condition says ill."""
-    if _meta(cluster).get("deletionTimestamp"):
-        return False
-    status = cluster.get("status") or {}
+    status = body.get("status") or {}
     if status.get("state") != RAY_CLUSTER_READY:
         return False
     return not any(
@@ -161,74 +180,60 @@ def is_healthy(cluster: Mapping[str, Any]) -> bool:
     )
 
 
-def cluster_at_fault(rayjob_status: Mapping[str, Any] | None) -> bool:
+# --------------------------------------------------------------------------- deciding
+
+
+def cluster_at_fault(reason: str | None) -> bool:
     """Whether a failed stage RayJob failed because of its cluster (KubeRay's `status.reason`)."""
-    return (rayjob_status or {}).get("reason") in CLUSTER_FAULT_REASONS
+    return reason in CLUSTER_FAULT_REASONS
 
 
-def is_poolable(phase: str | None, cluster: Mapping[str, Any], *, failed_by_cluster: bool) -> bool:
-    """May a finished job's cluster go into the pool? Never when it is unhealthy or to blame.
+def is_poolable(*, healthy: bool, failed_by_cluster: bool) -> bool:
+    """May the cluster of a job that is done with it go into the pool?
 
-    `phase` is the job's final phase; a job that failed for its own reasons (a stage exited
-    non-zero, a deadline) leaves a healthy cluster behind, which is pooled like a succeeded one.
+    Never a cluster that is unhealthy or that made the job fail. A job that failed for its own
+    reasons (a stage exited non-zero, a deadline) leaves a good cluster behind: pooled like a
+    succeeded job's. The caller also waits until no stage RayJob of the job still runs on it.
     """
-    if phase not in ("Succeeded", "Failed"):
-        return False
-    if phase == "Failed" and failed_by_cluster:
-        return False
-    return is_healthy(cluster)
+    return healthy and not failed_by_cluster
 
 
-# --------------------------------------------------------------------------- choosing
-
-
-def candidates(
-    clusters: Iterable[Mapping[str, Any]], signature: str, now: datetime
-) -> list[Mapping[str, Any]]:
+def candidates(clusters: Iterable[PoolCluster], signature: str, now: datetime) -> list[PoolCluster]:
     """The clusters a job with `signature` may claim, best first.
 
-    Available, same signature, not expired, healthy, owned by nobody. The one closest to expiry
-    comes first (it is saved from deletion; fresher ones stay claimable longer), then by name,
-    so every operator replica ranks them the same way.
+    The one closest to expiry comes first (it is saved from deletion; fresher ones stay
+    claimable longer), then by name, so every reconcile ranks them the same way.
     """
-    usable = [
-        c
-        for c in clusters
-        if _labels(c).get(LABEL_SIGNATURE) == signature
-        and pool_state(c) == STATE_AVAILABLE
-        and not expired(c, now)
-        and not _meta(c).get("ownerReferences")
-        and is_healthy(c)
-    ]
-    return sorted(usable, key=lambda c: (expires_at(c) or now, _meta(c).get("name", "")))
+    usable = [c for c in clusters if c.claimable(signature, now)]
+    return sorted(usable, key=lambda c: (c.expires_at or now, c.name))
 
 
 def choose_candidate(
-    clusters: Iterable[Mapping[str, Any]], signature: str, now: datetime
-) -> Mapping[str, Any] | None:
+    clusters: Iterable[PoolCluster], signature: str, now: datetime
+) -> PoolCluster | None:
     """The best cluster to claim (see `candidates`), or None: the job creates its own."""
     ranked = candidates(clusters, signature, now)
     return ranked[0] if ranked else None
 
 
+def expired_clusters(clusters: Iterable[PoolCluster], now: datetime) -> list[PoolCluster]:
+    """Available clusters whose time is up (the expiry sweep deletes them), by name."""
+    return sorted((c for c in clusters if c.expired(now) and not c.deleting), key=lambda c: c.name)
+
+
+def next_expiry(clusters: Iterable[PoolCluster], now: datetime) -> float | None:
+    """Seconds until the next available cluster expires (None: no available cluster)."""
+    waits = [
+        c.seconds_to_expiry(now) for c in clusters if c.state == STATE_AVAILABLE and not c.deleting
+    ]
+    return min(waits) if waits else None
+
+
 # --------------------------------------------------------------------------- patches
 
 
-def owner_reference(job_body: Mapping[str, Any]) -> dict[str, Any]:
-    """The ownerReference that makes a RayCluster a child of an RLHFJob (GC deletes it with it)."""
-    meta = job_body.get("metadata") or {}
-    return {
-        "apiVersion": job_body.get("apiVersion", f"{GROUP}/v1alpha1"),
-        "kind": job_body.get("kind", "RLHFJob"),
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def release_patch(
-    job_body: Mapping[str, Any], signature: str, keep_alive_seconds: int, now: datetime
+    job_meta: Mapping[str, Any], signature: str, keep_alive_seconds: int, now: datetime
 ) -> dict[str, Any]:
     """Merge-patch that moves a finished job's cluster into the pool.
 
@@ -236,7 +241,6 @@ def release_patch(
     goes, and the cluster is labelled with the signature, `available`, and its expiry.
     The pod template is not touched: by rule 1 (module docstring) it holds nothing job-specific.
     """
-    meta = job_body.get("metadata") or {}
     deadline = now.astimezone(UTC) + timedelta(seconds=keep_alive_seconds)
     return {
         "metadata": {
@@ -249,24 +253,23 @@ def release_patch(
             },
             "annotations": {
                 ANNOTATION_EXPIRES_AT: deadline.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                ANNOTATION_RELEASED_BY: f"{meta.get('namespace', '')}/{meta.get('name', '')}",
+                ANNOTATION_RELEASED_BY: f"{job_meta.get('namespace', '')}/{job_meta['name']}",
             },
         }
     }
 
 
-def claim_patch(cluster: Mapping[str, Any], job_body: Mapping[str, Any]) -> dict[str, Any]:
+def claim_patch(resource_version: str, job_meta: Mapping[str, Any]) -> dict[str, Any]:
     """Merge-patch that claims a pool cluster for a job, atomically.
 
     It carries the cluster's `metadata.resourceVersion` as it was read: if anyone (another job's
-    claim, the expiry timer) wrote the cluster since, the API server answers 409 and applies
-    nothing.
+    claim, the expiry sweep) wrote the cluster since, the API server answers 409 Conflict and
+    applies nothing.
     """
-    job_meta = job_body.get("metadata") or {}
     return {
         "metadata": {
-            "resourceVersion": _meta(cluster)["resourceVersion"],
-            "ownerReferences": [owner_reference(job_body)],
+            "resourceVersion": resource_version,
+            "ownerReferences": [builders.owner_reference(dict(job_meta))],
             "labels": {
                 LABEL_JOB: job_meta["name"],
                 LABEL_STATE: STATE_CLAIMED,
@@ -277,14 +280,6 @@ def claim_patch(cluster: Mapping[str, Any], job_body: Mapping[str, Any]) -> dict
     }
 
 
-def claimed_by_job(cluster: Mapping[str, Any] | None, job_body: Mapping[str, Any]) -> bool:
-    """The cluster exists, is not being deleted, and was claimed by this very job (by uid)."""
-    if not cluster or _meta(cluster).get("deletionTimestamp"):
-        return False
-    uid = (job_body.get("metadata") or {}).get("uid")
-    return uid is not None and claimed_by(cluster) == uid
-
-
-def delete_preconditions(cluster: Mapping[str, Any]) -> dict[str, Any]:
-    """DeleteOptions for deleting an expired pool cluster only if nobody claimed it meanwhile."""
-    return {"preconditions": {"resourceVersion": _meta(cluster)["resourceVersion"]}}
+def delete_options(cluster: PoolCluster) -> dict[str, Any]:
+    """DeleteOptions: delete an expired pool cluster only if nobody claimed it meanwhile."""
+    return {"preconditions": {"resourceVersion": cluster.resource_version}}

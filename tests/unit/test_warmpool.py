@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from rlhf_operator import builders
 from rlhf_operator import warmpool as wp
 from rlhf_operator.api import RLHFJob
 from rlhf_operator.names import LABEL_JOB
@@ -56,20 +58,23 @@ def pooled(
     version: str = "7",
     **meta: Any,
 ) -> dict[str, Any]:
-    annotations = (
-        {wp.ANNOTATION_EXPIRES_AT: expires.strftime("%Y-%m-%dT%H:%M:%SZ")} if expires else {}
-    )
+    """A RayCluster manifest as the pool leaves it."""
+    stamp = expires.strftime("%Y-%m-%dT%H:%M:%SZ") if expires else None
     return {
         "metadata": {
             "name": name,
             "namespace": "team-a",
             "resourceVersion": version,
             "labels": {wp.LABEL_SIGNATURE: signature, wp.LABEL_STATE: state},
-            "annotations": annotations,
+            "annotations": {wp.ANNOTATION_EXPIRES_AT: stamp} if stamp else {},
             **meta,
         },
         "status": {"state": ray_state},
     }
+
+
+def seen(**kwargs: Any) -> wp.PoolCluster:
+    return wp.observe(pooled(**kwargs))
 
 
 class TestSignature:
@@ -122,6 +127,27 @@ class TestSignature:
         namespace = kwargs.pop("namespace", "team-a")
         assert wp.pool_signature(job(namespace=namespace, **kwargs)) != wp.pool_signature(job())
 
+    def test_jobs_reading_data_from_different_volumes_do_not_share(self) -> None:
+        a = job(model={"base": "pvc://models-a/gpt2"})
+        assert wp.pool_signature(a) == wp.pool_signature(job(model={"base": "pvc://models-a/opt"}))
+        assert wp.pool_signature(a) != wp.pool_signature(job(model={"base": "pvc://models-b/gpt2"}))
+        assert wp.pool_signature(a) != wp.pool_signature(job())
+
+    def test_a_shared_cluster_carries_nothing_of_the_job_that_built_it(self) -> None:
+        # The guard behind rule 1: same signature -> the very same RayCluster spec, and no trace
+        # of the job's name, model, data or storage path in it.
+        a = job(
+            name="job-a", storage={"uri": "s3://bucket/a-runs", "secretRef": {"name": "s3-creds"}}
+        )
+        b = job(name="job-b", model={"base": "facebook/opt-125m"})
+        assert wp.pool_signature(a) == wp.pool_signature(b)
+        spec_a = builders.build_raycluster(a, "c", builders.owner_reference(manifest()["metadata"]))
+        spec_b = builders.build_raycluster(b, "c", builders.owner_reference(manifest()["metadata"]))
+        assert spec_a["spec"] == spec_b["spec"]
+        text = json.dumps(spec_a["spec"])
+        for private in ("job-a", "a-runs", "gpt2", "imdb", "prefs"):
+            assert private not in text
+
     def test_two_pvc_claims_differ_but_not_two_paths_on_one_claim(self) -> None:
         a = job(storage={"uri": "pvc://claim-a/x"})
         assert wp.pool_signature(a) == wp.pool_signature(job(storage={"uri": "pvc://claim-a/y"}))
@@ -130,20 +156,33 @@ class TestSignature:
 
 class TestExpiryAndHealth:
     def test_expired_only_after_the_deadline(self) -> None:
-        cluster = pooled(expires=NOW + timedelta(seconds=30))
-        assert not wp.expired(cluster, NOW)
-        assert wp.seconds_to_expiry(cluster, NOW) == 30
-        assert wp.expired(cluster, NOW + timedelta(seconds=30))
-        assert wp.seconds_to_expiry(cluster, NOW + timedelta(hours=1)) == 0
+        cluster = seen(expires=NOW + timedelta(seconds=30))
+        assert not cluster.expired(NOW)
+        assert cluster.seconds_to_expiry(NOW) == 30
+        assert cluster.expired(NOW + timedelta(seconds=30))
+        assert cluster.seconds_to_expiry(NOW + timedelta(hours=1)) == 0
 
     def test_an_available_cluster_without_a_readable_expiry_is_expired(self) -> None:
-        assert wp.expired(pooled(expires=None), NOW)
+        assert seen(expires=None).expired(NOW)
         broken = pooled()
         broken["metadata"]["annotations"][wp.ANNOTATION_EXPIRES_AT] = "tomorrow"
-        assert wp.expired(broken, NOW)
+        assert wp.observe(broken).expired(NOW)
 
     def test_a_claimed_cluster_never_expires(self) -> None:
-        assert not wp.expired(pooled(state=wp.STATE_CLAIMED, expires=None), NOW)
+        assert not seen(state=wp.STATE_CLAIMED, expires=None).expired(NOW)
+
+    def test_expired_clusters_and_next_expiry(self) -> None:
+        clusters = [
+            seen(name="b", expires=NOW - timedelta(seconds=1)),
+            seen(name="a", expires=NOW - timedelta(seconds=5)),
+            seen(name="later", expires=NOW + timedelta(seconds=40)),
+            seen(name="soon", expires=NOW + timedelta(seconds=10)),
+            seen(name="claimed", state=wp.STATE_CLAIMED, expires=None),
+            seen(name="going", expires=None, deletionTimestamp="2026-05-01T11:00:00Z"),
+        ]
+        assert [c.name for c in wp.expired_clusters(clusters, NOW)] == ["a", "b"]
+        assert wp.next_expiry(clusters[2:], NOW) == 10
+        assert wp.next_expiry([seen(state=wp.STATE_CLAIMED)], NOW) is None
 
     @pytest.mark.parametrize(
         ("status", "healthy"),
@@ -170,26 +209,21 @@ class TestExpiryAndHealth:
         cluster = pooled()
         cluster["status"] = status
         assert wp.is_healthy(cluster) is healthy
+        assert wp.observe(cluster).healthy is healthy
 
     def test_a_cluster_being_deleted_is_not_healthy(self) -> None:
         assert not wp.is_healthy(pooled(deletionTimestamp="2026-05-01T11:00:00Z"))
 
 
 class TestPoolable:
-    def test_succeeded_job_with_a_ready_cluster(self) -> None:
-        assert wp.is_poolable("Succeeded", pooled(), failed_by_cluster=False)
-
-    def test_failed_job_for_its_own_reasons_pools_a_ready_cluster(self) -> None:
-        assert wp.is_poolable("Failed", pooled(), failed_by_cluster=False)
+    def test_a_healthy_cluster_of_a_job_that_is_done_with_it(self) -> None:
+        assert wp.is_poolable(healthy=True, failed_by_cluster=False)
 
     def test_never_a_cluster_that_made_the_job_fail(self) -> None:
-        assert not wp.is_poolable("Failed", pooled(), failed_by_cluster=True)
+        assert not wp.is_poolable(healthy=True, failed_by_cluster=True)
 
     def test_never_an_unhealthy_cluster(self) -> None:
-        assert not wp.is_poolable("Succeeded", pooled(ray_state="failed"), failed_by_cluster=False)
-
-    def test_never_from_a_job_that_has_not_finished(self) -> None:
-        assert not wp.is_poolable("Running", pooled(), failed_by_cluster=False)
+        assert not wp.is_poolable(healthy=False, failed_by_cluster=False)
 
     @pytest.mark.parametrize(
         ("reason", "fault"),
@@ -202,41 +236,43 @@ class TestPoolable:
         ],
     )
     def test_kuberay_failure_reasons(self, reason: str | None, fault: bool) -> None:
-        assert wp.cluster_at_fault({"jobDeploymentStatus": "Failed", "reason": reason}) is fault
+        assert wp.cluster_at_fault(reason) is fault
 
 
 class TestCandidates:
     def test_only_available_healthy_unexpired_unowned_clusters_of_the_signature(self) -> None:
-        good = pooled("good")
+        good = seen(name="good")
         clusters = [
             good,
-            pooled("other-signature", signature="nope"),
-            pooled("claimed", state=wp.STATE_CLAIMED),
-            pooled("expired", expires=NOW - timedelta(seconds=1)),
-            pooled("not-ready", ray_state="failed"),
-            pooled("owned", ownerReferences=[{"uid": "x"}]),
-            pooled("deleting", deletionTimestamp="2026-05-01T11:00:00Z"),
-            {"metadata": {"name": "own-cluster-of-a-job"}, "status": {"state": "ready"}},
+            seen(name="other-signature", signature="nope"),
+            seen(name="claimed", state=wp.STATE_CLAIMED),
+            seen(name="expired", expires=NOW - timedelta(seconds=1)),
+            seen(name="not-ready", ray_state="failed"),
+            seen(name="owned", ownerReferences=[{"uid": "x"}]),
+            seen(name="deleting", deletionTimestamp="2026-05-01T11:00:00Z"),
+            wp.observe(
+                {"metadata": {"name": "own-cluster-of-a-job"}, "status": {"state": "ready"}}
+            ),
         ]
         assert wp.candidates(clusters, "sig", NOW) == [good]
         assert wp.choose_candidate(clusters, "sig", NOW) is good
 
     def test_none_when_nothing_matches(self) -> None:
-        assert wp.choose_candidate([pooled(signature="nope")], "sig", NOW) is None
+        assert wp.choose_candidate([seen(signature="nope")], "sig", NOW) is None
 
     def test_order_is_soonest_expiry_then_name_whatever_the_input_order(self) -> None:
-        late = pooled("a-late", expires=NOW + timedelta(minutes=9))
-        soon_b = pooled("b-soon", expires=NOW + timedelta(minutes=1))
-        soon_a = pooled("a-soon", expires=NOW + timedelta(minutes=1))
+        late = seen(name="a-late", expires=NOW + timedelta(minutes=9))
+        soon_b = seen(name="b-soon", expires=NOW + timedelta(minutes=1))
+        soon_a = seen(name="a-soon", expires=NOW + timedelta(minutes=1))
         for order in ([late, soon_b, soon_a], [soon_a, late, soon_b]):
-            names = [c["metadata"]["name"] for c in wp.candidates(order, "sig", NOW)]
+            names = [c.name for c in wp.candidates(order, "sig", NOW)]
             assert names == ["a-soon", "b-soon", "a-late"]
 
 
 class TestPatches:
     def test_release_moves_ownership_off_the_job_and_labels_the_pool(self) -> None:
         body = manifest()
-        patch = wp.release_patch(body, "sig", 600, NOW)
+        patch = wp.release_patch(body["metadata"], "sig", 600, NOW)
         meta = patch["metadata"]
         assert meta["ownerReferences"] is None  # merge-patch null: removed
         assert meta["labels"] == {
@@ -245,19 +281,18 @@ class TestPatches:
             wp.LABEL_SIGNATURE: "sig",
             wp.LABEL_STATE: wp.STATE_AVAILABLE,
         }
-        assert meta["annotations"][wp.ANNOTATION_RELEASED_BY] == "team-a/job-a"
-        released = _merge(_owned_cluster(body), patch)
-        assert wp.expires_at(released) == NOW + timedelta(seconds=600)
+        released = wp.observe(_merge(_owned_cluster(body), patch))
+        assert released.released_by == "team-a/job-a"
+        assert released.expires_at == NOW + timedelta(seconds=600)
         assert wp.choose_candidate([released], "sig", NOW) == released
-        assert not wp.expired(released, NOW + timedelta(seconds=599))
-        assert wp.expired(released, NOW + timedelta(seconds=600))
+        assert not released.expired(NOW + timedelta(seconds=599))
+        assert released.expired(NOW + timedelta(seconds=600))
 
     def test_claim_carries_the_read_resource_version_and_owns_the_cluster(self) -> None:
         new = manifest(name="job-b")
-        cluster = pooled(version="42")
-        patch = wp.claim_patch(cluster, new)
+        patch = wp.claim_patch("42", new["metadata"])
         assert patch["metadata"]["resourceVersion"] == "42"
-        claimed = _merge(cluster, patch)
+        claimed = _merge(pooled(version="42"), patch)
         assert claimed["metadata"]["ownerReferences"] == [
             {
                 "apiVersion": "rlhf.dev/v1alpha1",
@@ -269,35 +304,29 @@ class TestPatches:
             }
         ]
         assert claimed["metadata"]["labels"][LABEL_JOB] == "job-b"
-        assert wp.pool_state(claimed) == wp.STATE_CLAIMED
-        assert wp.claimed_by_job(claimed, new)
-        assert not wp.claimed_by_job(claimed, manifest(name="job-c"))
         assert wp.ANNOTATION_EXPIRES_AT not in claimed["metadata"]["annotations"]
-        assert wp.choose_candidate([claimed], "sig", NOW) is None
+        observed = wp.observe(claimed)
+        assert observed.state == wp.STATE_CLAIMED
+        assert observed.claimed_by_job("uid-job-b")
+        assert not observed.claimed_by_job("uid-job-c")
+        assert not observed.claimed_by_job(None)
+        assert wp.choose_candidate([observed], "sig", NOW) is None
 
     def test_a_claimed_cluster_released_again_is_claimable_again(self) -> None:
         first = manifest(name="job-b")
-        claimed = _merge(pooled(), wp.claim_patch(pooled(), first))
-        again = _merge(claimed, wp.release_patch(first, "sig", 60, NOW))
-        assert wp.claimed_by(again) is None
+        claimed = _merge(pooled(), wp.claim_patch("7", first["metadata"]))
+        again = wp.observe(_merge(claimed, wp.release_patch(first["metadata"], "sig", 60, NOW)))
+        assert again.claimed_by is None
         assert wp.choose_candidate([again], "sig", NOW) == again
 
-    def test_claimed_by_job_is_false_for_a_missing_or_deleting_cluster(self) -> None:
+    def test_a_cluster_being_deleted_is_claimed_by_nobody(self) -> None:
         body = manifest()
-        claimed = _merge(pooled(), wp.claim_patch(pooled(), body))
-        assert not wp.claimed_by_job(None, body)
+        claimed = _merge(pooled(), wp.claim_patch("7", body["metadata"]))
         claimed["metadata"]["deletionTimestamp"] = "2026-05-01T11:00:00Z"
-        assert not wp.claimed_by_job(claimed, body)
+        assert not wp.observe(claimed).claimed_by_job("uid-job-a")
 
-    def test_delete_preconditions_pin_the_version(self) -> None:
-        assert wp.delete_preconditions(pooled(version="9")) == {
-            "preconditions": {"resourceVersion": "9"}
-        }
-
-    def test_pool_selector(self) -> None:
-        assert (
-            wp.pool_selector("abc") == "rlhf.dev/pool-signature=abc,rlhf.dev/pool-state=available"
-        )
+    def test_delete_options_pin_the_version(self) -> None:
+        assert wp.delete_options(seen(version="9")) == {"preconditions": {"resourceVersion": "9"}}
 
 
 def _owned_cluster(body: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +335,7 @@ def _owned_cluster(body: dict[str, Any]) -> dict[str, Any]:
             "name": "job-a-ray",
             "namespace": "team-a",
             "resourceVersion": "3",
-            "ownerReferences": [wp.owner_reference(body)],
+            "ownerReferences": [builders.owner_reference(body["metadata"])],
             "labels": {LABEL_JOB: "job-a", "app.kubernetes.io/managed-by": "rlhf-operator"},
         },
         "status": {"state": "ready"},
