@@ -9,6 +9,8 @@ import argparse
 
 import kopf
 
+from rlhf_operator.metrics import DEFAULT_METRICS_PORT, start_metrics_server
+
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 
 
@@ -28,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LIVENESS,
         help=f"health endpoint for the liveness probe (default {DEFAULT_LIVENESS}; '' = none)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="serve Prometheus metrics on :PORT/metrics (default %(default)s; 0 = none)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log what the operator does")
     parser.add_argument("--debug", action="store_true", help="log kopf's internals too")
     return parser.parse_args(argv)
@@ -38,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import rlhf_operator.handlers  # noqa: F401  (registers the handlers with kopf)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
+    if args.metrics_port:
+        start_metrics_server(args.metrics_port)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
