@@ -136,3 +136,36 @@ def test_example_children_are_valid_kuberay_objects(path: Path) -> None:
                       validator.iter_errors(child)]  # fmt: skip
             name = f"{child['kind']} {child['metadata']['name']}"
             assert not errors, f"{path.name} -> {name}: {errors}"
+
+
+def _kuberay_worker_pod_labels(raycluster: dict[str, Any]) -> dict[str, str]:
+    """The labels a worker pod ends up with: its template's plus those KubeRay adds."""
+    (group,) = raycluster["spec"]["workerGroupSpecs"]
+    return {
+        **group["template"]["metadata"].get("labels", {}),
+        "ray.io/cluster": raycluster["metadata"]["name"],
+        "ray.io/node-type": "worker",
+        "ray.io/group": group["groupName"],
+        "ray.io/is-ray-node": "yes",
+    }
+
+
+@pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
+def test_example_pod_affinity_selects_the_jobs_own_workers(path: Path) -> None:
+    """A podAffinity term in an example must match the pods it is meant to group."""
+    for manifest in jobs_in(path):
+        job = RLHFJob.from_manifest({**manifest, "metadata": {**manifest["metadata"], "uid": "u"}})
+        affinity = job.spec.cluster.workers.affinity or {}
+        terms = [
+            term.get("podAffinityTerm", term)
+            for kind in ("podAffinity", "podAntiAffinity")
+            for rule in affinity.get(kind, {}).values()
+            for term in rule
+        ]
+        owner = {"apiVersion": "rlhf.dev/v1alpha1", "kind": KIND, "name": "x", "uid": "u"}
+        pod = _kuberay_worker_pod_labels(
+            build_raycluster(job, cluster_name(job.metadata.name), owner)
+        )
+        for term in terms:
+            wanted = term["labelSelector"].get("matchLabels", {})
+            assert wanted.items() <= pod.items(), f"{path.name}: {wanted} matches no worker"
