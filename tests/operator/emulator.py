@@ -15,7 +15,8 @@ stale, so this subclass adds exactly that, the way the API server does it:
 
 The check and the write happen under one lock, so two racing writers cannot both pass.
 
-For the restart tests it also holds "tripwires": stop a matching write either before it lands
+For race tests it has "gates" (hold matching writes until N arrived, then let them race), and
+for the restart tests "tripwires": stop a matching write either before it lands
 (the operator died before sending it) or right after it landed (the operator died before it saw
 the answer), until the test has killed the operator. Once released, the held request is answered
 with 503 either way: the killed operator never reads an answer, and a client thread still
@@ -92,6 +93,26 @@ class Tripwire:
         await self._released.wait()
 
 
+@dataclass
+class Gate:
+    """Holds writes matching `matches` until `count` of them arrived, then lets them all go at
+    once (in arrival order), so that racing writers really race (they read the same version)."""
+
+    matches: Callable[[rendering.Request], bool]
+    count: int
+    arrived: int = 0
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _pass(self, request: rendering.Request) -> None:
+        if self.opened.is_set() or not self.matches(request):
+            return
+        self.arrived += 1
+        if self.arrived >= self.count:
+            self.opened.set()
+            await asyncio.sleep(0)  # the earlier arrivals go first
+        await self.opened.wait()
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     """`kmock.KubernetesEmulator` with resourceVersions, preconditions and tripwires."""
@@ -99,6 +120,13 @@ class Emulator(kmock.KubernetesEmulator):
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _tripwires: list[Tripwire] = attrs.field(factory=list, init=False)
+    _gates: list[Gate] = attrs.field(factory=list, init=False)
+
+    def gate(self, matches: Callable[[rendering.Request], bool], count: int = 2) -> Gate:
+        """Arm a gate (see `Gate`) on writes that `matches`."""
+        gate = Gate(matches=matches, count=count)
+        self._gates.append(gate)
+        return gate
 
     def tripwire(
         self, matches: Callable[[rendering.Request], bool], *, landed: bool = True
@@ -112,10 +140,14 @@ class Emulator(kmock.KubernetesEmulator):
         """Release every held request (teardown: no client waits forever)."""
         for wire in self._tripwires:
             wire.release()
+        for gate in self._gates:
+            gate.opened.set()
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None or request.action not in WRITES:
             return await super()._handle(request)
+        for gate in self._gates:
+            await gate._pass(request)
         wire = self._take_tripwire(request)
         if wire is not None and not wire.landed:
             await wire._hold(request)

@@ -163,3 +163,17 @@ async def test_tripwire_not_landed_drops_the_write(api: Emulator) -> None:
     assert "labels" not in api.objects["ray.io/v1/rayclusters", "ns", "c1"]["metadata"]
     # one-shot: the next write goes through
     assert (await _patch(api, {"metadata": {"labels": {"a": "2"}}}))[0] == 200
+
+
+async def test_gate_makes_writers_with_one_version_race(api: Emulator) -> None:
+    version = (await _create(api))["metadata"]["resourceVersion"]
+    gate = api.gate(lambda r: r.action == kmock.action.UPDATE, count=2)
+    first = asyncio.create_task(
+        _patch(api, {"metadata": {"resourceVersion": version, "labels": {"who": "first"}}})
+    )
+    await asyncio.sleep(0.05)
+    assert not first.done()  # held until the second writer arrives
+    second = await _patch(api, {"metadata": {"resourceVersion": version, "labels": {"who": "x"}}})
+    assert (await first)[0] == 200
+    assert second[0] == 409
+    assert gate.opened.is_set()
