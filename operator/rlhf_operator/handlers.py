@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from rlhf_operator import events, metrics, names
+from rlhf_operator import events, metrics, names, pool_sweeper, warmpool
 from rlhf_operator import settings as operator_settings
 from rlhf_operator.api import GROUP, PLURAL, VERSION
 from rlhf_operator.reconcile import driver, kuberay
@@ -30,6 +30,27 @@ def rayclusters(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): kuberay.observe_cluster(body)}
 
 
+@kopf.index(
+    names.RAY_GROUP,
+    names.RAY_VERSION,
+    names.RAYCLUSTERS,
+    labels={warmpool.LABEL_STATE: warmpool.STATE_AVAILABLE},
+)
+def warm_pool(body: kopf.Body, **_: Any) -> dict:
+    cluster = warmpool.observe(body)
+    return {(cluster.namespace, cluster.signature): cluster}
+
+
+@kopf.on.startup()
+async def start_pool_sweeper(memo: kopf.Memo, warm_pool: kopf.Index, **_: Any) -> None:
+    memo.pool_sweeper = pool_sweeper.start(warm_pool)
+
+
+@kopf.on.cleanup()
+async def stop_pool_sweeper(memo: kopf.Memo, **_: Any) -> None:
+    await pool_sweeper.stop(memo.get("pool_sweeper"))
+
+
 @kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
 def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): kuberay.observe_rayjob(body)}
@@ -37,10 +58,18 @@ def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.RECONCILE_INTERVAL)
 @metrics.count_reconcile_errors
-def reconcile(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
-    driver.reconcile_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+def reconcile(
+    body: kopf.Body,
+    rayclusters: kopf.Index,
+    rayjobs: kopf.Index,
+    warm_pool: kopf.Index,
+    **_: Any,
+) -> None:
+    driver.reconcile_job(driver.snapshot(body), rayclusters, rayjobs, events.post, pool=warm_pool)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 def finalize(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
-    driver.finalize_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+    decision = driver.finalize_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+    if decision.wait:
+        raise kopf.TemporaryError(decision.wait, delay=1)

@@ -172,6 +172,47 @@ def delete_raycluster(namespace: str, name: str) -> None:
     _delete(names.RAY_GROUP, names.RAYCLUSTERS, namespace, name)
 
 
+@api_call(names.RAY_GROUP, names.RAYCLUSTERS, "patch")
+def patch_raycluster(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge-patch of a RayCluster's metadata (warm-pool release and claim).
+
+    A `metadata.resourceVersion` in the patch is a precondition: 409 when the cluster changed.
+    """
+    return _custom().patch_namespaced_custom_object(
+        names.RAY_GROUP,
+        names.RAY_VERSION,
+        namespace,
+        names.RAYCLUSTERS,
+        name,
+        patch,
+        _request_timeout=REQUEST_TIMEOUT,
+    )
+
+
+@api_call(names.RAY_GROUP, names.RAYCLUSTERS, "delete")
+def delete_raycluster_unchanged(namespace: str, name: str, resource_version: str) -> bool:
+    """Delete a RayCluster only if it is still at `resource_version` (an expired pool cluster
+    that nobody claimed meanwhile). False when it changed (409) or is gone (404)."""
+    try:
+        _custom().delete_namespaced_custom_object(
+            names.RAY_GROUP,
+            names.RAY_VERSION,
+            namespace,
+            names.RAYCLUSTERS,
+            name,
+            propagation_policy="Background",
+            body=kubernetes.client.V1DeleteOptions(
+                preconditions=kubernetes.client.V1Preconditions(resource_version=resource_version)
+            ),
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+    except ApiException as exc:
+        if exc.status in (404, 409):
+            return False
+        raise
+    return True
+
+
 # --------------------------------------------------------------------------- RayJobs
 
 

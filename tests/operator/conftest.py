@@ -11,6 +11,7 @@ import os
 import tempfile
 
 os.environ.setdefault("RLHF_RECONCILE_INTERVAL", "0.1")
+os.environ.setdefault("RLHF_POOL_SWEEP_INTERVAL", "0.2")  # warm-pool expiry sweep
 # One kubeconfig path for the session, rewritten per test: kopf's default login reads the path
 # that $KUBECONFIG had when the kubernetes client was first imported.
 KUBECONFIG = os.path.join(tempfile.mkdtemp(prefix="rlhf-operator-tests-"), "kubeconfig")

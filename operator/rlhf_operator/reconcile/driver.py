@@ -18,12 +18,13 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from rlhf_operator import kube, names
+from rlhf_operator import kube, names, warmpool
 from rlhf_operator.api import RLHFJob, RLHFJobStatus
 from rlhf_operator.api.job import ObjectMeta
-from rlhf_operator.reconcile import machine
-from rlhf_operator.reconcile.conditions import status_patch
+from rlhf_operator.reconcile import kuberay, machine
+from rlhf_operator.reconcile.conditions import parse_time, status_patch
 from rlhf_operator.reconcile.model import (
+    ClaimCluster,
     ClusterObservation,
     CreateCluster,
     CreateRayJob,
@@ -35,14 +36,16 @@ from rlhf_operator.reconcile.model import (
     Observed,
     PinSpec,
     RayJobObservation,
+    ReleaseCluster,
 )
 from rlhf_operator.validation import validate
 
 logger = logging.getLogger(__name__)
 
 PostEvent = Callable[[Mapping[str, Any], Event], None]
-Index = Mapping[tuple[str | None, str], Iterable[Any]]
-"""kopf's in-memory index shape: (namespace, name) -> the observations of that object."""
+Index = Mapping[tuple[str | None, str | None], Iterable[Any]]
+"""kopf's in-memory index shape: (namespace, name) -> the observations of that object (the
+warm-pool index is keyed by (namespace, pool signature) instead)."""
 
 PINNED_FIELDS = ("stages", "cluster")
 
@@ -59,15 +62,27 @@ def _first(index: Index, namespace: str | None, name: str | None) -> Any:
 
 
 def observe(
-    namespace: str | None, status: RLHFJobStatus, clusters: Index, rayjobs: Index, job: str
+    namespace: str | None,
+    status: RLHFJobStatus,
+    clusters: Index,
+    rayjobs: Index,
+    job: str,
+    pool: Iterable[warmpool.PoolCluster] = (),
 ) -> Observed:
     """The job's children as the indexes last saw them (the cluster named in status, else the
-    deterministic one, and the current attempt's RayJob)."""
+    deterministic one, and the current attempt's RayJob), and the warm clusters it may claim."""
     cluster_name = status.cluster.name or names.cluster_name(job)
     stage = status.stages.get(status.stage or "")
     cluster: ClusterObservation | None = _first(clusters, namespace, cluster_name)
     rayjob: RayJobObservation | None = _first(rayjobs, namespace, stage and stage.ray_job)
-    return Observed(cluster=cluster, rayjob=rayjob)
+    return Observed(cluster=cluster, rayjob=rayjob, pool=tuple(pool))
+
+
+def _pool_of(pool: Index | None, job: RLHFJob) -> Iterable[warmpool.PoolCluster]:
+    """The available warm clusters with the job's signature (the claim re-checks everything)."""
+    if not pool:
+        return ()
+    return pool.get((job.metadata.namespace, warmpool.pool_signature(job)), ())
 
 
 def _pinnable(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +108,11 @@ def effective_manifest(body: Mapping[str, Any]) -> tuple[dict[str, Any], bool, s
 
 
 def decide(
-    body: Mapping[str, Any], clusters: Index, rayjobs: Index, now: datetime
+    body: Mapping[str, Any],
+    clusters: Index,
+    rayjobs: Index,
+    now: datetime,
+    pool: Index | None = None,
 ) -> tuple[RLHFJobStatus, Decision]:
     """Validate and run the state machine (no I/O): (the status read, the decision)."""
     meta = body.get("metadata") or {}
@@ -103,7 +122,9 @@ def decide(
     job, problems = validate(manifest)
     if job is None:
         return status, machine.reject(status, problems, now, generation)
-    observed = observe(meta.get("namespace"), status, clusters, rayjobs, job.metadata.name)
+    observed = observe(
+        meta.get("namespace"), status, clusters, rayjobs, job.metadata.name, _pool_of(pool, job)
+    )
     decision = machine.reconcile(
         job, status, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
     )
@@ -116,12 +137,34 @@ def reconcile_job(
     rayjobs: Index,
     post: PostEvent,
     now: datetime | None = None,
+    pool: Index | None = None,
 ) -> Decision:
-    """One reconcile of one RLHFJob (the kopf timer calls this)."""
+    """One reconcile of one RLHFJob (the kopf timer calls this).
+
+    A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
+    so its first stage starts at once instead of a timer tick later (the warm pool's point).
+    """
     now = now or datetime.now(UTC)
-    status, decision = decide(body, clusters, rayjobs, now)
+    status, decision = decide(body, clusters, rayjobs, now, pool)
+    claimed = apply(body, status, decision, post, now)
+    if claimed is None:
+        return decision
+    body = _as_written(body, decision)
+    clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
+    status, decision = decide(body, clusters, rayjobs, now, pool)
     apply(body, status, decision, post, now)
     return decision
+
+
+def _as_written(body: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+    """The job as the API now holds it after `decision` was applied (status, pinned spec)."""
+    meta = dict(body.get("metadata") or {})
+    for action in decision.actions:
+        if isinstance(action, PinSpec):
+            annotations = {**(meta.get("annotations") or {})}
+            annotations[names.ANNOTATION_PINNED_SPEC] = action.pinned
+            meta["annotations"] = annotations
+    return {**body, "metadata": meta, "status": decision.status.to_wire()}
 
 
 def apply(
@@ -130,17 +173,23 @@ def apply(
     decision: Decision,
     post: PostEvent,
     now: datetime,
-) -> None:
-    """Carry out a decision: pin, write status, act, announce — in that order."""
+) -> ClusterObservation | None:
+    """Carry out a decision: pin, write status, act, announce — in that order.
+
+    Returns the warm cluster this decision claimed, as the API answered (None: no claim).
+    """
     meta = body["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
     for action in decision.actions:
         if isinstance(action, PinSpec):
             kube.annotate_job(namespace, name, {names.ANNOTATION_PINNED_SPEC: action.pinned})
     write_status(namespace, name, status, decision.status)
+    claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
-            _act(namespace, name, action)
+            result = _act(namespace, name, action)
+            if isinstance(action, ClaimCluster) and result is not None:
+                claimed = kuberay.observe_cluster(result)
         except ApiException as exc:
             if exc.status != 422 or not isinstance(action, CreateCluster | CreateRayJob):
                 raise
@@ -158,6 +207,7 @@ def apply(
             break
     for event in decision.events:
         post(body, event)
+    return claimed
 
 
 def write_status(
@@ -170,10 +220,18 @@ def write_status(
     return patch
 
 
-def _act(namespace: str | None, name: str, action: Any) -> None:
+def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None:
     match action:
         case CreateCluster(manifest=manifest):
             kube.create_raycluster(manifest)
+        case ClaimCluster(name=cluster, patch=patch):
+            return _claim(namespace, cluster, patch)
+        case ReleaseCluster(name=cluster, patch=patch):
+            try:
+                kube.patch_raycluster(namespace, cluster, patch)
+            except ApiException as exc:
+                if exc.status != 404:  # gone already: nothing to hand to the pool
+                    raise
         case CreateRayJob(manifest=manifest):
             kube.create_rayjob(manifest)
         case DeleteCluster(name=cluster):
@@ -186,6 +244,19 @@ def _act(namespace: str | None, name: str, action: Any) -> None:
             pass  # done before the status write
         case _:
             raise TypeError(f"unknown action {action!r}")
+    return None
+
+
+def _claim(namespace: str | None, cluster: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """The claimed cluster, or None when another job won it or it changed or went away (409,
+    404): status still names it, and the next reconcile claims it again or picks another."""
+    try:
+        return kube.patch_raycluster(namespace, cluster, patch)
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+        logger.info("warm RayCluster %s/%s not claimed (HTTP %s)", namespace, cluster, exc.status)
+        return None
 
 
 def _api_message(exc: ApiException) -> str:
@@ -201,11 +272,14 @@ def finalize_job(
     """The RLHFJob is being deleted: stop its RayJob, release its cluster (the finalizer)."""
     meta = body["metadata"]
     status = RLHFJobStatus.model_validate(body.get("status") or {})
-    job = RLHFJob.model_construct(
-        metadata=ObjectMeta.model_validate({"name": meta["name"], "uid": meta.get("uid")})
-    )
+    job, _ = validate(effective_manifest(body)[0])  # the spec decides whether to pool
+    if job is None:  # a broken spec can be deleted too: its cluster is deleted, never pooled
+        job = RLHFJob.model_construct(
+            metadata=ObjectMeta.model_validate({"name": meta["name"], "uid": meta.get("uid")})
+        )
     observed = observe(meta.get("namespace"), status, clusters, rayjobs, meta["name"])
-    decision = machine.finalize(job, status, observed, datetime.now(UTC))
+    since = parse_time(meta.get("deletionTimestamp"))
+    decision = machine.finalize(job, status, observed, datetime.now(UTC), since)
     for action in decision.actions:
         _act(meta.get("namespace"), meta["name"], action)
     for event in decision.events:

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from rlhf_operator import names
+from rlhf_operator import names, warmpool
 from rlhf_operator.reconcile.model import ClusterObservation, RayJobObservation
 
 # RayCluster
@@ -70,6 +70,7 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
         job_label=(meta.get("labels") or {}).get(names.LABEL_JOB),
         owner_uids=tuple(ref.get("uid", "") for ref in meta.get("ownerReferences") or []),
         message=status.get("reason"),
+        pool=warmpool.observe(body),
     )
 
 

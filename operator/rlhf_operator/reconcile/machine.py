@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from rlhf_operator import builders, names
+from rlhf_operator import builders, names, warmpool
 from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, StageStatus, is_terminal
 from rlhf_operator.api.columns import progress_column, reward_column
-from rlhf_operator.api.status import EvaluationSummary
+from rlhf_operator.api.status import ClusterStatus, EvaluationSummary
 from rlhf_operator.api.storage import artifact_uri
 from rlhf_operator.reconcile import kuberay
 from rlhf_operator.reconcile.conditions import (
@@ -35,6 +35,8 @@ from rlhf_operator.reconcile.conditions import (
 )
 from rlhf_operator.reconcile.model import (
     Action,
+    ClaimCluster,
+    ClusterObservation,
     CreateCluster,
     CreateRayJob,
     Decision,
@@ -44,11 +46,16 @@ from rlhf_operator.reconcile.model import (
     Event,
     Observed,
     PinSpec,
+    ReleaseCluster,
 )
 
 CLUSTER_PROVISIONING = "ClusterProvisioning"
 CLUSTER_TERMINATING = "ClusterTerminating"
 CLUSTER_RELEASED = "ClusterReleased"
+CLUSTER_CLAIMING = "ClusterClaiming"
+STOP_GRACE = timedelta(seconds=60)
+"""How long a deleted job waits for its running stage to stop before its cluster can go to the
+warm pool; past it, the cluster is deleted instead (a stuck RayJob must not hold the deletion)."""
 SUSPENDED = "Suspended"
 
 
@@ -63,10 +70,17 @@ class _Draft:
     generation: int | None
     actions: list[Action]
     events: list[Event]
+    deleting: bool = False  # the job itself is being deleted (finalizer)
+    deleting_since: datetime | None = None
+    wait: str | None = None  # finalizer: why the job cannot be let go yet
 
     @property
     def name(self) -> str:
         return self.job.metadata.name
+
+    @property
+    def namespace(self) -> str | None:
+        return self.job.metadata.namespace
 
     @property
     def uid(self) -> str | None:
@@ -190,51 +204,158 @@ def reject(
     return Decision(status=new, events=events)
 
 
-def finalize(job: RLHFJob, status: RLHFJobStatus, observed: Observed, now: datetime) -> Decision:
+def finalize(
+    job: RLHFJob,
+    status: RLHFJobStatus,
+    observed: Observed,
+    now: datetime,
+    deleting_since: datetime | None = None,
+) -> Decision:
     """The job is being deleted: stop its running RayJob and release its cluster.
 
-    `job` needs only its metadata (name, uid): a job with a broken spec can be deleted too.
+    `job` needs only its metadata (name, uid) when its spec is broken: it can be deleted too
+    (its cluster is then deleted, never pooled). A cluster bound for the warm pool waits for the
+    running stage to stop (`Decision.wait`), for at most `STOP_GRACE` after `deleting_since`.
     """
-    d = _Draft(job, status.model_copy(deep=True), observed, now, None, [], [])
+    d = _Draft(job, status.model_copy(deep=True), observed, now, None, [], [], deleting=True)
+    d.deleting_since = deleting_since
     _stop_rayjob(d)
     release_cluster(d)
     return _decision(d)
 
 
 def _decision(d: _Draft) -> Decision:
-    return Decision(status=d.status, actions=d.actions, events=d.events)
+    return Decision(status=d.status, actions=d.actions, events=d.events, wait=d.wait)
 
 
 # --------------------------------------------------------------------------- the cluster seams
 
 
-def acquire_cluster(d: _Draft) -> None:
-    """Give the job a cluster: record its name in status, then create it.
+def acquire_cluster(d: _Draft, *, passed_over: str | None = None) -> None:
+    """Give the job a cluster: claim a warm one from the pool, else create its own.
 
-    Seam for warm pools (issue 5): claiming a pooled cluster instead of creating one goes here.
+    Either way its name goes into status first (the driver writes status before it acts), so
+    after a restart the job finds the cluster it was claiming or creating, and only that one.
+    `passed_over`: a pool cluster just found claimed by another job (the index may still list it).
     """
-    name = names.cluster_name(d.name)
-    d.status.cluster.name = name
-    d.status.cluster.reused = False
-    d.status.cluster.dashboard_url = builders.dashboard_url(name, d.job.metadata.namespace)
+    pool = [c for c in d.observed.pool if c.name != passed_over]
+    candidate = warmpool.choose_candidate(pool, warmpool.pool_signature(d.job), d.now)
+    if candidate is not None and d.uid:
+        _claim(d, candidate)
+        return
+    name = _own_cluster_name(d)
+    d.status.cluster = ClusterStatus(
+        name=name, reused=False, dashboard_url=builders.dashboard_url(name, d.namespace)
+    )
     d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
     d.normal(names.CLUSTER_CREATED, f"Creating RayCluster {name}.")
+    pooling = d.job.spec.warm_pool
+    if pooling.keep_alive_seconds or pooling.pool:
+        d.normal(names.WARM_POOL_MISS, f"No warm RayCluster matches this job; creating {name}.")
+
+
+def _claim(d: _Draft, cluster: warmpool.PoolCluster) -> None:
+    """Record the warm cluster in status, then claim it (resourceVersion precondition)."""
+    d.status.cluster = ClusterStatus(
+        name=cluster.name,
+        reused=True,
+        dashboard_url=builders.dashboard_url(cluster.name, d.namespace),
+    )
+    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
+    d.actions.append(
+        ClaimCluster(cluster.name, warmpool.claim_patch(cluster.resource_version, job_meta))
+    )
+    message = f"Claiming warm RayCluster {cluster.name}."
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_CLAIMING, message)
+
+
+def _own_cluster_name(d: _Draft) -> str:
+    """`<job>-ray`, unless a warm-pool cluster holds that name (left by an earlier job of the
+    same name, now serving another job or waiting in the pool): then `<job>-<uid>-ray`."""
+    name = names.cluster_name(d.name)
+    taken = d.observed.cluster
+    if taken is not None and taken.name == name and _pool_squatter(d, taken) and d.uid:
+        return names.cluster_name(f"{d.name}-{d.uid[:5]}")
+    return name
+
+
+def _pool_squatter(d: _Draft, cluster: ClusterObservation) -> bool:
+    """A cluster at our own name that went through a warm pool and is not ours."""
+    return (
+        cluster.pool is not None
+        and cluster.pool.state is not None
+        and not cluster.owned_by(d.name, d.uid)
+    )
+
+
+def _reclaim(d: _Draft, cluster: ClusterObservation | None) -> None:
+    """The recorded warm cluster is not claimed by us yet: claim it again, or pick another.
+
+    Our claim may not have landed (a restart, a stale version); if the cluster is still
+    claimable, claim it with its current version. If another job got it, or it expired, broke
+    or went away, give it up and acquire again (another warm cluster or our own).
+    """
+    pool = cluster.pool if cluster is not None else None
+    if (
+        cluster is not None
+        and pool is not None
+        and not cluster.deleting
+        and pool.claimable(warmpool.pool_signature(d.job), d.now)
+    ):
+        _claim(d, pool)
+        return
+    d.status.cluster = ClusterStatus()
+    acquire_cluster(d, passed_over=d.observed.cluster.name if d.observed.cluster else None)
 
 
 def release_cluster(d: _Draft, *, announce: bool = True) -> None:
-    """The job is done with its cluster (finished, failed, suspended): delete it.
+    """The job is done with its cluster (finished, failed, suspended, deleted).
 
-    Seam for warm pools (issue 5): handing the cluster to a pool instead goes here. It is called
-    on every reconcile of a finished job while the cluster is still ours, so a failed delete is
+    A job with `spec.warmPool.keepAliveSeconds` that ended (finished or deleted) hands a healthy
+    cluster to the warm pool, once no stage of it runs there any more; any other cluster, one
+    that is unhealthy or that made the job fail, and a suspended job's, is deleted. Called on
+    every reconcile of a finished job while the cluster is still ours, so a failed write is
     retried; `announce` is False on those repeats.
     """
     cluster = d.observed.cluster
     if cluster is None or cluster.deleting or not cluster.owned_by(d.name, d.uid):
         return
+    spec = getattr(d.job, "spec", None)  # absent when a job with a broken spec is deleted
+    keep_alive = spec.warm_pool.keep_alive_seconds if spec is not None else 0
+    ended = d.deleting or is_terminal(d.status.phase)
+    if keep_alive and ended and cluster.pool is not None:
+        rayjob = d.observed.rayjob
+        stage_running = rayjob is not None and not kuberay.is_finished(rayjob)
+        if stage_running and not d.deleting:
+            return  # being stopped (_stop_rayjob): pool the cluster once it is free
+        since = d.deleting_since or d.now
+        if stage_running and d.now - since < STOP_GRACE:
+            d.wait = f"waiting for RayJob {rayjob.name} to stop before pooling {cluster.name}"
+            return
+        failed_by_cluster = (
+            d.status.phase == "Failed"
+            and rayjob is not None
+            and warmpool.cluster_at_fault(rayjob.reason)
+        )
+        if not stage_running and warmpool.is_poolable(
+            healthy=cluster.pool.healthy, failed_by_cluster=failed_by_cluster
+        ):
+            _pool(d, cluster.name, keep_alive, announce)
+            return
     d.actions.append(DeleteCluster(cluster.name))
     d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released.")
     if announce:
         d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}.")
+
+
+def _pool(d: _Draft, name: str, keep_alive: int, announce: bool) -> None:
+    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
+    patch = warmpool.release_patch(job_meta, warmpool.pool_signature(d.job), keep_alive, d.now)
+    d.actions.append(ReleaseCluster(name, patch))
+    message = f"{name} released to the warm pool for {keep_alive}s."
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, message)
+    if announce:
+        d.normal(names.CLUSTER_POOLED, message)
 
 
 def _ensure_cluster(d: _Draft) -> bool:
@@ -244,9 +365,17 @@ def _ensure_cluster(d: _Draft) -> bool:
     if name is None:
         acquire_cluster(d)
         return False
+    if d.status.cluster.reused and (cluster is None or not cluster.owned_by(d.name, d.uid)):
+        _reclaim(d, cluster)
+        return False
     if cluster is None:
         d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
         d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, f"Creating {name}.")
+        return False
+    if not cluster.owned_by(d.name, d.uid) and _pool_squatter(d, cluster) and d.uid:
+        # A warm-pool cluster took our name before ours existed: create ours under another.
+        d.status.cluster.name = None
+        acquire_cluster(d)
         return False
     if not cluster.owned_by(d.name, d.uid):
         _fail(
@@ -305,7 +434,15 @@ def _provision(d: _Draft, _: str | None) -> None:
         return
     name = d.status.cluster.name
     d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{name} is ready.")
-    d.normal(names.CLUSTER_READY, f"RayCluster {name} is ready.")
+    if d.status.cluster.reused:
+        pool = d.observed.cluster.pool if d.observed.cluster else None
+        source = f" (left by {pool.released_by})" if pool and pool.released_by else ""
+        d.normal(
+            names.WARM_POOL_HIT,
+            f"Claimed warm RayCluster {name}{source} from the pool: no provisioning.",
+        )
+    else:
+        d.normal(names.CLUSTER_READY, f"RayCluster {name} is ready.")
     _start_attempt(d, d.status.stage or d.job.spec.enabled_stages()[0])
 
 

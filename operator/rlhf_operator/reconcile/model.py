@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlhf_operator.api import RLHFJobStatus
+from rlhf_operator.warmpool import PoolCluster
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ClusterObservation:
     job_label: str | None = None
     owner_uids: tuple[str, ...] = ()
     message: str | None = None
+    pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
 
     def owned_by(self, job: str, uid: str | None) -> bool:
         """Ours: owned by the job's uid, or (no uid known) labelled with the job's name."""
@@ -45,6 +47,7 @@ class Observed:
 
     cluster: ClusterObservation | None = None
     rayjob: RayJobObservation | None = None
+    pool: tuple[PoolCluster, ...] = ()  # available warm clusters with the job's signature
 
 
 # --------------------------------------------------------------------------- actions
@@ -74,6 +77,23 @@ class DeleteCluster:
 
 
 @dataclass(frozen=True)
+class ClaimCluster:
+    """Claim a warm-pool cluster: a merge-patch with its resourceVersion as precondition
+    (409: someone else got it or it changed; the next reconcile decides again)."""
+
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReleaseCluster:
+    """Hand the job's cluster to the warm pool (a merge-patch: owner off, pool labels on)."""
+
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class CreateRayJob:
     """Create one stage attempt's RayJob unless it exists."""
 
@@ -96,7 +116,16 @@ class DeleteJob:
     """Delete the RLHFJob itself (ttlSecondsAfterFinished)."""
 
 
-Action = PinSpec | CreateCluster | DeleteCluster | CreateRayJob | DeleteRayJob | DeleteJob
+Action = (
+    PinSpec
+    | CreateCluster
+    | DeleteCluster
+    | ClaimCluster
+    | ReleaseCluster
+    | CreateRayJob
+    | DeleteRayJob
+    | DeleteJob
+)
 
 
 @dataclass(frozen=True)
@@ -115,3 +144,4 @@ class Decision:
     status: RLHFJobStatus
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    wait: str | None = None  # finalizer only: why the job cannot be let go yet (retry soon)
