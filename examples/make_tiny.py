@@ -7,8 +7,8 @@ with no download:
     examples/tiny/
       sft.jsonl             demonstrations: a review opening (prompt) and its continuation;
                             reviews lean positive or negative (half each), clause by clause
-      preferences.jsonl     pairs of continuations of one opening: the one with more positive
-                            clauses is chosen (a graded sentiment preference)
+      preferences.jsonl     pairs of continuations of one opening (0-5 clauses): the one with
+                            more positive than negative clauses is chosen (graded sentiment)
       prompts.jsonl         review openings for PPO rollouts (films seen in training)
       eval_prompts.jsonl    held-out openings (films never seen in any training file)
       model/                a word-level tokenizer trained on the corpus (`tokenizers`) and a
@@ -49,7 +49,8 @@ POSITIVE_WORDS += ("beautiful", "delightful", "clever")
 NEGATIVE_WORDS = ("awful", "boring", "terrible", "dull", "weak", "poor", "messy", "bland")
 NEGATIVE_WORDS += ("clumsy", "painful")
 
-CLAUSES = 4  # clauses per review continuation; the reward counts the positive ones
+CLAUSES = 4  # clauses per demonstration
+PAIR_CLAUSES = (0, 5)  # clauses per preference-pair continuation (inclusive range)
 LEANINGS = (0.3, 0.7)  # per-review chance that a clause is positive: negative or positive review
 HELD_OUT_TITLES = 30  # titles that appear only in eval_prompts.jsonl
 
@@ -77,19 +78,31 @@ def review(rng: random.Random) -> str:
     return continuation(rng, [rng.random() < leaning for _ in range(CLAUSES)])
 
 
-def with_positives(rng: random.Random, count: int) -> str:
-    """A continuation with exactly `count` positive clauses, in random positions."""
-    flags = [True] * count + [False] * (CLAUSES - count)
+def with_positives(rng: random.Random, count: int, length: int) -> str:
+    """A continuation of `length` clauses, exactly `count` of them positive (random positions)."""
+    flags = [True] * count + [False] * (length - count)
     rng.shuffle(flags)
     return continuation(rng, flags)
 
 
 def preference(rng: random.Random, title: str) -> dict[str, str]:
-    better, worse = sorted(rng.sample(range(CLAUSES + 1), 2), reverse=True)
+    """Two continuations of one opening, 0-5 clauses each: the one with the higher net sentiment
+    (positive minus negative clauses) is chosen, as a sentiment classifier weighs evidence.
+
+    Lengths vary independently of the preference and the empty continuation is neutral (net 0),
+    so the reward model learns sentiment rather than length: PPO cannot win by stopping early.
+    """
+    while True:
+        lengths = rng.randint(*PAIR_CLAUSES), rng.randint(*PAIR_CLAUSES)
+        positives = [rng.randint(0, n) for n in lengths]
+        nets = [2 * k - n for k, n in zip(positives, lengths, strict=True)]
+        if nets[0] != nets[1]:
+            break
+    better, worse = sorted(range(2), key=lambda i: nets[i], reverse=True)
     return {
         "prompt": prompt(rng, title),
-        "chosen": with_positives(rng, better),
-        "rejected": with_positives(rng, worse),
+        "chosen": with_positives(rng, positives[better], lengths[better]),
+        "rejected": with_positives(rng, positives[worse], lengths[worse]),
     }
 
 

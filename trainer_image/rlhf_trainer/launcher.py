@@ -34,6 +34,7 @@ from rlhf_trainer.worker import (
     CONFIG_ATTEMPT,
     CONFIG_JOB,
     CONFIG_PROGRESS_FILE,
+    CONFIG_RESUME_FROM,
     CONFIG_STAGE,
     CONFIG_SUBMITTED_AT,
 )
@@ -143,27 +144,26 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _resume_checkpoint(artifact: Artifact, resume_from: str | None):
-    """The checkpoint to resume from, and whether the stage's own checkpoints are kept.
+def _resume_checkpoint(artifact: Artifact, resume_from: str | None) -> str | None:
+    """The URI of the checkpoint to resume from, or None for a fresh start.
 
     No `resume_from`: a fresh attempt; stale checkpoints of an earlier run are removed, so Ray
-    Train's own restore (which resumes from a run directory's snapshot) cannot pick them up.
+    Train's own restore (it resumes a run directory that holds a snapshot) cannot pick them up.
+    `resume_from` = the stage's own checkpoints: Ray Train restores its snapshot itself, and the
+    latest checkpoint is the fallback. Elsewhere: the latest checkpoint found there.
     """
-    from ray.train import Checkpoint
-
     own = artifact.uri_of(CHECKPOINTS_DIR)
+    if resume_from is None or resume_from.rstrip("/") != own:
+        delete_tree(own)
     if resume_from is None:
-        delete_tree(own)
         return None
-    if resume_from.rstrip("/") != own:
-        delete_tree(own)
     found = latest_checkpoint(resume_from)
     if found is None:
         logger.warning("no checkpoint under %s: starting fresh", resume_from)
         return None
     uri, step = found
     logger.warning("resuming from the checkpoint at step %d (%s)", step, uri)
-    return Checkpoint(uri)
+    return uri
 
 
 def run_stage(
@@ -197,7 +197,6 @@ def run_stage(
     resources = {"CPU": _cpus_per_worker(job)}
     if use_gpu:
         resources["GPU"] = workers.gpus_per_worker
-    resume = _resume_checkpoint(artifact, resume_from)
     if progress_file:
         os.makedirs(os.path.dirname(progress_file) or ".", exist_ok=True)
     loop_config: dict[str, Any] = {
@@ -205,6 +204,7 @@ def run_stage(
         CONFIG_STAGE: stage,
         CONFIG_ATTEMPT: attempt,
         CONFIG_PROGRESS_FILE: progress_file,
+        CONFIG_RESUME_FROM: _resume_checkpoint(artifact, resume_from),
         CONFIG_SUBMITTED_AT: time.time(),
     }
     trainer = TorchTrainer(
@@ -219,7 +219,6 @@ def run_stage(
             failure_config=FailureConfig(max_failures=WORKER_FAILURE_RETRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),
-        resume_from_checkpoint=resume,
     )
     fit_started = time.perf_counter()
     try:

@@ -42,6 +42,7 @@ CONFIG_STAGE = "stage"
 CONFIG_ATTEMPT = "attempt"
 CONFIG_PROGRESS_FILE = "progress_file"
 CONFIG_SUBMITTED_AT = "submitted_at"
+CONFIG_RESUME_FROM = "resume_from"
 
 
 @dataclass
@@ -140,11 +141,17 @@ class StageWorker:
     # ------------------------------------------------------------------ checkpoints
 
     def restore(self, engines: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Load the latest checkpoint Ray Train hands this attempt (its own after a worker
-        failure, or `--resume-from`'s); None on a fresh start."""
+        """Load the checkpoint to resume from; None on a fresh start.
+
+        Ray Train's own checkpoint comes first (the latest of this run, after a worker failure
+        or when a run directory is restored); else the one the driver found under
+        `--resume-from` (Ray Train 2.x's replacement for `resume_from_checkpoint`).
+        """
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.config.get(CONFIG_RESUME_FROM):
+            checkpoint = ray.train.Checkpoint(self.config[CONFIG_RESUME_FROM])
         if checkpoint is None:
             return None
         with self.timed("restore"), checkpoint.as_directory() as directory:
