@@ -20,8 +20,8 @@ Metrics (all prefixed ``rlhf_operator_``):
 ``jobs_finished_total{phase}``               counter    jobs that ended Succeeded / Failed
 ``stage_duration_seconds{stage,state}``      histogram  first attempt start -> stage end
 ``stage_retries_total{stage}``               counter    attempts started after a failure
-``warm_pool_hits_total``                     counter    jobs that claimed a warm cluster
-``warm_pool_misses_total``                   counter    jobs that had to create a cluster
+``warm_pool_hits_total``                     counter    jobs whose claimed warm cluster got ready
+``warm_pool_misses_total``                   counter    jobs whose own new cluster got ready
 ``warm_pool_expiries_total``                 counter    warm clusters deleted, unclaimed
 ``reconcile_errors_total{error}``            counter    exceptions escaping a reconcile
 ``apply_to_first_rayjob_seconds``            histogram  creationTimestamp -> first RayJob
@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.exposition import generate_latest
 from pydantic import BaseModel
 
+from rlhf_operator import names
 from rlhf_operator.api.spec import STAGE_ORDER
 from rlhf_operator.api.status import TERMINAL_PHASES, Phase, is_terminal
 
@@ -92,10 +93,14 @@ class OperatorMetrics:
             registry=r,
         )
         self.pool_hits = Counter(
-            f"{PREFIX}_warm_pool_hits", "Jobs that claimed a warm Ray cluster.", registry=r
+            f"{PREFIX}_warm_pool_hits",
+            "Jobs whose claimed warm Ray cluster turned ready.",
+            registry=r,
         )
         self.pool_misses = Counter(
-            f"{PREFIX}_warm_pool_misses", "Jobs that created a new Ray cluster.", registry=r
+            f"{PREFIX}_warm_pool_misses",
+            "Jobs whose newly created Ray cluster turned ready.",
+            registry=r,
         )
         self.pool_expiries = Counter(
             f"{PREFIX}_warm_pool_expiries",
@@ -163,10 +168,11 @@ class OperatorMetrics:
             before = old_stages.get(stage) or {}
             self._observe_stage(stage, before, st, now)
 
-        old_name = (old.get("cluster") or {}).get("name")
-        cluster = new.get("cluster") or {}
-        if cluster.get("name") and not old_name:
-            (self.pool_hits if cluster.get("reused") else self.pool_misses).inc()
+        # A hit or a miss is decided when the job's cluster turns ready: a claim can lose a race
+        # and fall back to another cluster, so the cluster first recorded proves nothing.
+        if _cluster_ready(new) and not _cluster_ready(old):
+            reused = (new.get("cluster") or {}).get("reused")
+            (self.pool_hits if reused else self.pool_misses).inc()
 
         had_rayjob = any((s or {}).get("rayJob") for s in old_stages.values())
         first = [s for s in new_stages.values() if (s or {}).get("rayJob")]
@@ -248,6 +254,13 @@ class OperatorMetrics:
             counts[phase] = counts.get(phase, 0) + 1
         for phase, n in counts.items():
             self.jobs.labels(phase).set(n)
+
+
+def _cluster_ready(status: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == names.COND_CLUSTER_READY and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
 
 
 def _retries(stage: Mapping[str, Any]) -> int:

@@ -19,6 +19,7 @@ from rlhf_operator.api.status import RLHFJobStatus
 from rlhf_operator.metrics import OperatorMetrics
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+READY = {"type": "ClusterReady", "status": "True", "reason": "ClusterReady"}
 
 
 def at(minutes: float) -> str:
@@ -84,6 +85,7 @@ def run_two_jobs(metrics: OperatorMetrics) -> tuple[Job, Job]:
     a = Job(metrics, "a")
     a.write(0, phase="Pending")
     a.write(0.5, phase="Provisioning", cluster={"name": "rlhf-a", "reused": False})
+    a.write(1.5, conditions=[READY])
     a.write(2, phase="Running", stage="sft",
             stages={"sft": {"state": "Running", "attempts": 1, "startTime": at(1.5),
                             "rayJob": "a-sft-1"}})  # fmt: skip
@@ -97,7 +99,10 @@ def run_two_jobs(metrics: OperatorMetrics) -> tuple[Job, Job]:
     a.write(53, phase="Succeeded", completionTime=at(53))
 
     b = Job(metrics, "b")
-    b.write(60, phase="Provisioning", cluster={"name": "rlhf-a", "reused": True})
+    # b first records a warm cluster that another job wins, then claims `rlhf-a`.
+    b.write(59, phase="Provisioning", cluster={"name": "rlhf-x", "reused": True})
+    b.write(59.5, cluster={"name": "rlhf-a", "reused": True})
+    b.write(60, conditions=[READY])
     b.write(61, phase="Running", stage="ppo",
             stages={"ppo": {"state": "Running", "attempts": 1, "startTime": at(61),
                             "rayJob": "b-ppo-1"}})  # fmt: skip
@@ -171,8 +176,8 @@ def test_resuming_after_restart_counts_nothing_twice(metrics: OperatorMetrics) -
 
 def test_a_stale_read_that_repeats_a_write_counts_nothing_twice(metrics: OperatorMetrics) -> None:
     a = Job(metrics, "a")
-    a.write(0, phase="Provisioning", cluster={"name": "rlhf-a"})
-    stale = {}  # the watch has not delivered the Provisioning write when the next tick runs
+    a.write(0, phase="Provisioning", cluster={"name": "rlhf-a"}, conditions=[READY])
+    stale: dict = {}  # the watch has not delivered that write when the next tick runs
     metrics.observe_transition(stale, a.status, a.body)
     got = samples(metrics.exposition().decode())
     assert value(got, "rlhf_operator_warm_pool_misses_total") == 1
