@@ -18,7 +18,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from rlhf_operator import kube, names, warmpool
+from rlhf_operator import kube, metrics, names, warmpool
 from rlhf_operator.api import RLHFJob, RLHFJobStatus
 from rlhf_operator.api.job import ObjectMeta
 from rlhf_operator.reconcile import kuberay, machine
@@ -183,7 +183,7 @@ def apply(
     for action in decision.actions:
         if isinstance(action, PinSpec):
             kube.annotate_job(namespace, name, {names.ANNOTATION_PINNED_SPEC: action.pinned})
-    write_status(namespace, name, status, decision.status)
+    write_status(namespace, name, status, decision.status, body)
     claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
@@ -202,7 +202,7 @@ def apply(
                 now,
                 meta.get("generation"),
             )
-            write_status(namespace, name, decision.status, refused.status)
+            write_status(namespace, name, decision.status, refused.status, body)
             decision.events.extend(refused.events)
             break
     for event in decision.events:
@@ -211,12 +211,20 @@ def apply(
 
 
 def write_status(
-    namespace: str | None, name: str, old: RLHFJobStatus, new: RLHFJobStatus
+    namespace: str | None,
+    name: str,
+    old: RLHFJobStatus,
+    new: RLHFJobStatus,
+    body: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The one place the operator writes RLHFJob status: only what changed, if anything did."""
+    """The one place the operator writes RLHFJob status: only what changed, if anything did.
+
+    Every write (and every unchanged tick) feeds the Prometheus metrics, derived from old -> new.
+    """
     patch = status_patch(old, new)
     if patch:
         kube.patch_job_status(namespace, name, patch)
+    metrics.observe_transition(old, new, body)
     return patch
 
 
@@ -284,4 +292,5 @@ def finalize_job(
         _act(meta.get("namespace"), meta["name"], action)
     for event in decision.events:
         post(body, event)
+    metrics.forget_job(meta.get("namespace") or "", meta["name"])
     return decision
