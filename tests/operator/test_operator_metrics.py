@@ -29,6 +29,7 @@ from rlhf_operator.metrics import METRICS
 
 NS = "ns"
 FINISHED = "rlhf_operator_jobs_finished_total"
+HITS, MISSES = "rlhf_operator_warm_pool_hits_total", "rlhf_operator_warm_pool_misses_total"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -96,3 +97,27 @@ async def test_metrics_follow_a_job_with_a_retried_stage(
         lambda: METRICS.registry.get_sample_value("rlhf_operator_jobs", finished) == jobs_before,
         timeout=30,
     )
+
+
+async def test_a_job_that_reuses_a_warm_cluster_is_a_hit(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: object
+) -> None:
+    sft_only = {"reward": {"enabled": False}, "ppo": {"enabled": False},
+                "evaluation": {"enabled": False}}  # fmt: skip
+    warm = {"keepAliveSeconds": 300}
+
+    def count(name: str) -> float:
+        return METRICS.registry.get_sample_value(name) or 0.0
+
+    def succeeded(name: str) -> bool:
+        return ((api.get(JOBS, NS, name) or {}).get("status") or {}).get("phase") == "Succeeded"
+
+    hits, misses = count(HITS), count(MISSES)
+    await create_job(api, sample_job("first", NS, warmPool=warm, stages=sft_only))
+    await eventually(lambda: succeeded("first"), timeout=30)
+    assert (count(HITS), count(MISSES)) == (hits, misses + 1)
+
+    await create_job(api, sample_job("second", NS, warmPool=warm, stages=sft_only))
+    await eventually(lambda: succeeded("second"), timeout=30)
+    assert api.get(JOBS, NS, "second")["status"]["cluster"]["reused"] is True
+    assert (count(HITS), count(MISSES)) == (hits + 1, misses + 1)
