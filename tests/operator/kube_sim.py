@@ -67,7 +67,15 @@ def _merge(base: Any, patch: Any) -> Any:
 
 @attrs.define(kw_only=True)
 class RLHFEmulator(Emulator):
-    """`Emulator` + metadata.generation + a real status subresource (see the module docstring)."""
+    """`Emulator` + metadata.generation + a real status subresource (see the module docstring).
+
+    `request_history`: keep only the latest N requests. KMock matches every request against
+    every request recorded so far (`request in payload`), which is quadratic over a long run; a
+    benchmark bounds it (tests keep everything, to assert on requests).
+    """
+
+    request_history: int | None = None
+    _in_flight: set[int] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -77,6 +85,16 @@ class RLHFEmulator(Emulator):
         return resource in self.resources and "status" in self.resources[resource].subresources
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.request_history is None:
+            return await self._handle_semantics(request)
+        self._in_flight.add(id(request))
+        try:
+            self._forget_requests(self.request_history)
+            return await self._handle_semantics(request)
+        finally:
+            self._in_flight.discard(id(request))
+
+    async def _handle_semantics(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.get("metadata") or {}
@@ -100,6 +118,16 @@ class RLHFEmulator(Emulator):
                 data = self._bump_generation(request, data)
             object.__setattr__(request, "data", data)  # Request is frozen; KMock keys on identity
         return await super()._handle(request)
+
+    def _forget_requests(self, keep: int) -> None:
+        """Drop old finished requests (requests in flight must stay: KMock matches them)."""
+        if len(self._requests) > 2 * keep + len(self._in_flight):  # amortised: in batches
+            recent = self._requests[-keep:]
+            kept = {id(r) for r in recent}
+            older = [r for r in self._requests[:-keep] if id(r) in self._in_flight]
+            self._requests[:] = [*(r for r in older if id(r) not in kept), *recent]
+            for payload in self._payloads:
+                del payload._requests[:-keep]
 
     def _bump_generation(self, request: rendering.Request, data: dict[str, Any]) -> dict[str, Any]:
         key = (request.resource, request.namespace, request.name)
@@ -320,23 +348,27 @@ class OperatorRunner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the operator's, for kill()
+        self._main: asyncio.Task[Any] | None = None
 
     def _run(self, ready: threading.Event) -> None:
         import kopf
         import rlhf_operator.handlers  # noqa: F401  (registers with kopf's default registry)
 
-        try:
-            asyncio.run(
-                kopf.operator(
-                    registry=kopf.get_default_registry(),
-                    clusterwide=not self.namespaces,
-                    namespaces=self.namespaces,
-                    standalone=True,
-                    stop_flag=self._stop,
-                    ready_flag=ready,
-                    memo=kopf.Memo(),
-                )
+        async def main() -> None:
+            self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+            await kopf.operator(
+                registry=kopf.get_default_registry(),
+                clusterwide=not self.namespaces,
+                namespaces=self.namespaces,
+                standalone=True,
+                stop_flag=self._stop,
+                ready_flag=ready,
+                memo=kopf.Memo(),
             )
+
+        try:
+            asyncio.run(main())
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
@@ -357,6 +389,21 @@ class OperatorRunner:
         self._thread = None
         if self.error is not None:
             raise self.error
+
+    async def kill(self, then: Callable[[], None] = lambda: None) -> None:
+        """Kill the operator where it stands, as SIGKILL would: every task of it is cancelled
+        mid-step, no cleanup runs. `then()` runs once it is dead and before the thread is
+        joined: e.g. release a request the emulator holds, which a (sync) handler thread may
+        still wait on; that thread then fails on its answer and writes nothing more."""
+        if self._thread is None or self._loop is None or self._main is None:
+            return
+        self._loop.call_soon_threadsafe(self._main.cancel)
+        while not self._main.done():
+            await asyncio.sleep(0.01)
+        then()
+        await asyncio.to_thread(self._thread.join, 30)
+        self._thread = None
+        self.error = None  # the cancellation was the point
 
     async def __aenter__(self) -> OperatorRunner:
         await self.start()
