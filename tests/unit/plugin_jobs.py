@@ -14,6 +14,7 @@ from typing import Any
 
 from rlhf_operator.api.columns import progress_column, reward_column
 from rlhf_operator.api.status import HistoryPoint, append_history
+from rlhf_operator.reconcile import kuberay
 
 NOW = datetime(2025, 3, 1, 14, 0, 0, tzinfo=UTC)
 STAGES = ["sft", "reward", "ppo", "evaluation"]
@@ -243,13 +244,15 @@ def failed_job() -> dict[str, Any]:
     """PPO failed three times running out of GPU memory; backoffLimit 2 is spent."""
     job = running_job(percent=12.0)
     status = job["status"]
+    reason = operator_reason(failed_rayjobs()[-1])
+    failed = f"Stage ppo failed after 3 attempt(s): {reason}"  # the operator's words
     status.update(
         phase="Failed",
-        message="stage ppo failed 3 times (spec.runPolicy.backoffLimit: 2)",
+        message=f"{failed} (spec.runPolicy.backoffLimit reached).",
         completionTime=ago(minutes=5),
         conditions=[*conditions("ClusterReady", "SftComplete", "RewardComplete"),
-                    {"type": "Failed", "status": "True", "reason": "TooManyAttempts",
-                     "message": "stage ppo failed 3 times"}],
+                    {"type": "Failed", "status": "True", "reason": "StageFailed",
+                     "message": failed}],
     )  # fmt: skip
     status["stages"]["ppo"].update(
         state="Failed",
@@ -257,9 +260,15 @@ def failed_job() -> dict[str, Any]:
         failures=3,
         rayJob="imdb-ppo-ppo-3",
         completionTime=ago(minutes=5),
-        message=OOM.format("2.50"),
+        message=reason,
     )
     return job
+
+
+def operator_reason(rayjob: dict[str, Any]) -> str:
+    """The failure reason the operator records in status for a failed RayJob (its own words)."""
+    observation = kuberay.observe_rayjob(rayjob)
+    return kuberay.rayjob_outcome(observation)[1]
 
 
 def failed_rayjobs() -> list[dict[str, Any]]:

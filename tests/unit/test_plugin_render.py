@@ -18,6 +18,7 @@ from plugin_jobs import (
     OOM,
     failed_job,
     failed_rayjobs,
+    operator_reason,
     pending_job,
     provisioning_job,
     provisioning_pods,
@@ -36,7 +37,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def status_text(job: dict, pods: tuple = (), rayjobs: tuple = ()) -> str:
-    return render_status(job_summary(job, NOW, job_hints(job, pods, rayjobs, now=NOW)))
+    return render_status(job_summary(job, NOW, job_hints(job, pods, rayjobs, now=NOW), rayjobs))
 
 
 def reasons(job: dict, pods: tuple = (), rayjobs: tuple = ()) -> list[str]:
@@ -106,7 +107,9 @@ def test_failed_job_shows_reason_attempts_and_same_error_hint() -> None:
     job, rayjobs = failed_job(), failed_rayjobs()
     text = status_text(job, rayjobs=rayjobs)
     assert "Message:" in text
-    assert "stage ppo failed 3 times (spec.runPolicy.backoffLimit: 2)" in text
+    header = text.split("STAGE")[0]
+    assert "Message:   Stage ppo failed after 3 attempt(s): RayJob imdb-ppo-ppo-3" in header
+    assert header.rstrip().endswith("…")  # the first line; the log tail is under the stage
     assert row_of(text, "ppo").split()[1:5] == ["Failed", "3", "(3", "failed)"]
     assert f"last error: {OOM.format('2.50')}" in text
     assert reasons(job, rayjobs=rayjobs) == ["SameErrorRepeated", "OutOfMemory"]
@@ -114,6 +117,22 @@ def test_failed_job_shows_reason_attempts_and_same_error_hint() -> None:
     assert "Stage ppo failed 3 times with the same error" in hints
     assert "kubectl rlhf logs imdb-ppo --stage ppo" in hints
     assert "spec.stages.ppo.miniBatchSize" in hints
+
+
+def test_a_retry_in_progress_is_one_failure_not_a_repeated_one() -> None:
+    job, rayjobs = running_job(percent=3.0), failed_rayjobs()[:1]
+    ppo = job["status"]["stages"]["ppo"]
+    ppo.update(attempts=2, failures=1, rayJob="imdb-ppo-ppo-2", message=operator_reason(rayjobs[0]))
+    text = status_text(job, rayjobs=tuple(rayjobs))
+    assert row_of(text, "ppo").split()[1:5] == ["Running", "2", "(1", "failed)"]
+    assert f"last error: {OOM.format('2.00')}" in text
+    assert reasons(job, rayjobs=tuple(rayjobs)) == ["OutOfMemory"]
+
+
+def test_without_its_rayjobs_the_status_reason_still_shows() -> None:
+    text = status_text(failed_job())  # e.g. `status -f saved.yaml`: no RayJobs to read
+    assert f"last error: {OOM.format('2.50')}\n" in text
+    assert "SameErrorRepeated" not in text  # one reason known: nothing to compare
 
 
 def test_different_errors_are_not_called_the_same() -> None:

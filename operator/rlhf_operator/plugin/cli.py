@@ -178,7 +178,7 @@ def _live_summary(kube: Kube, namespace: str, name: str, now: datetime) -> dict[
     cluster = ((job.get("status") or {}).get("cluster") or {}).get("name")
     pods = _optional(lambda: kube.cluster_pods(namespace, cluster), "pods") if cluster else []
     rayjobs = _optional(lambda: kube.stage_rayjobs(namespace, name), "rayjobs")
-    return job_summary(job, now, job_hints(job, pods, rayjobs, now=now))
+    return job_summary(job, now, job_hints(job, pods, rayjobs, now=now), rayjobs)
 
 
 def _optional(read: Callable[[], list[dict[str, Any]]], what: str) -> list[dict[str, Any]]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from rlhf_operator import names
 from rlhf_operator.plugin.fmt import duration
-from rlhf_operator.plugin.summary import parse_time, seconds_between
+from rlhf_operator.plugin.summary import seconds_between, stage_failures
 
 Obj = Mapping[str, Any]
 Hint = dict[str, str]
@@ -27,6 +27,7 @@ RESUME_PATCH = '{"spec":{"runPolicy":{"suspend":false}}}'
 BATCH_FIELDS = {"sft": "microBatchSize", "reward": "microBatchSize", "ppo": "miniBatchSize"}
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
 _OOM = re.compile(r"out of memory|OutOfMemoryError|OOMKilled", re.IGNORECASE)
+_WRAPPER = re.compile(r"^RayJob \S+: (Ray job \w+|deployment \w+) \(")
 _NUMBERS = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?", re.IGNORECASE)
 
 
@@ -213,44 +214,10 @@ def _names(items: list[tuple[str, str]], most: int = 3) -> str:
 # ---------------------------------------------------------------------------- stage failures
 
 
-def failure_line(message: str | None) -> str | None:
-    """The line that says what went wrong: the last non-empty line (the exception, as the
-    trainer prints it last on stderr and Ray appends the driver's log tail to its message)."""
-    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    return lines[-1] if lines else None
-
-
 def _same_error(line: str) -> str:
-    """A failure line with its numbers masked: two OOMs at different sizes are one error."""
-    return _NUMBERS.sub("N", line)
-
-
-def stage_failures(job: Obj, rayjobs: Sequence[Obj]) -> dict[str, list[str]]:
-    """Per stage, the failure line of every failed attempt (oldest first)."""
-    meta_name = (job.get("metadata") or {}).get("name")
-    stages = (job.get("status") or {}).get("stages") or {}
-    found: dict[str, dict[str, str]] = {}
-    for rj in sorted(
-        rayjobs, key=lambda r: parse_time(_created(r)) or datetime.min.replace(tzinfo=UTC)
-    ):
-        labels = (rj.get("metadata") or {}).get("labels") or {}
-        stage = labels.get(names.LABEL_STAGE)
-        rstatus = rj.get("status") or {}
-        failed = rstatus.get("jobStatus") == "FAILED" or rstatus.get("jobDeploymentStatus") in (
-            "Failed",
-        )
-        line = failure_line(rstatus.get("message"))
-        if stage and failed and line and labels.get(names.LABEL_JOB) in (None, meta_name):
-            found.setdefault(stage, {})[rj["metadata"]["name"]] = line
-    for stage, st in stages.items():
-        line = failure_line(st.get("message"))
-        if line and st.get("rayJob") and st["rayJob"] not in found.get(stage, {}):
-            found.setdefault(stage, {})[st["rayJob"]] = line
-    return {stage: list(lines.values()) for stage, lines in found.items()}
-
-
-def _created(obj: Obj) -> Any:
-    return (obj.get("metadata") or {}).get("creationTimestamp")
+    """A failure line with the operator's "RayJob <name>: ... (" wrapper, closing punctuation
+    and numbers masked: two OOMs of two attempts at different sizes are one error."""
+    return _NUMBERS.sub("N", _WRAPPER.sub("", line).rstrip(").… "))
 
 
 def _failure_hints(job: Obj, rayjobs: Sequence[Obj]) -> list[Hint]:
@@ -313,7 +280,8 @@ def _progress_hints(job: Obj, now: datetime) -> list[Hint]:
             )
     if status.get("phase") == "Provisioning":
         cluster = (status.get("cluster") or {}).get("name") or "the RayCluster"
-        waiting = seconds_between(status.get("startTime") or _created(job), None, now)
+        started = status.get("startTime") or (job.get("metadata") or {}).get("creationTimestamp")
+        waiting = seconds_between(started, None, now)
         if waiting is not None and waiting > CLUSTER_SLOW_AFTER_S:
             out.append(
                 hint(

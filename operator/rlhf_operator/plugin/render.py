@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlhf_operator.plugin.fmt import bar, duration, number, sparkline
-from rlhf_operator.plugin.summary import curve_stage, curves
+from rlhf_operator.plugin.summary import curve_stage, curves, failure_line
 
 Obj = Mapping[str, Any]
 WIDTH = 100
@@ -108,8 +108,9 @@ def _header(s: Obj) -> str:
         rows.append(("Cluster", f"{cluster['name']} ({origin})"))
         if cluster.get("dashboardURL"):
             rows.append(("Dashboard", cluster["dashboardURL"]))
-    if s.get("message"):
-        rows.append(("Message", s["message"]))
+    if s.get("message"):  # the first line: a failure's driver log tail is in `last error`
+        lines = s["message"].strip().splitlines()
+        rows.append(("Message", lines[0] + (" …" if len(lines) > 1 else "")))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(
         textwrap.fill(v, WIDTH, initial_indent=f"{k + ':':<{width}}", subsequent_indent=" " * width)
@@ -145,15 +146,15 @@ def _timeline(s: Obj) -> str:
                 f"{shown}  {', '.join(detail)}".rstrip() if shown else ", ".join(detail),
             ]
         )
-        if st.get("message") and st["state"] in ("Failed", "Running", "Pending"):
-            notes[st["name"]] = st["message"]
+        last_error = (st.get("errors") or [None])[-1] or failure_line(st.get("message"))
+        if last_error and st["state"] in ("Failed", "Running", "Pending"):
+            notes[st["name"]] = last_error
     lines = table(["STAGE", "STATE", "ATTEMPTS", "DURATION", "PROGRESS"], rows).splitlines()
     out = [lines[0]]
     for line, st in zip(lines[1:], s["stages"], strict=True):
         out.append(line)
         if st["name"] in notes:
-            last = notes[st["name"]].strip().splitlines()[-1]
-            wrapped = textwrap.fill(f"last error: {last}", WIDTH - 6)
+            wrapped = textwrap.fill(f"last error: {notes[st['name']]}", WIDTH - 6)
             out.append(textwrap.indent(wrapped, "      "))
     return "\n".join(out)
 

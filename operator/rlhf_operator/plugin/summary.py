@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from rlhf_operator import names
 from rlhf_operator.api.spec import STAGE_ORDER
 
 Obj = Mapping[str, Any]
@@ -87,11 +88,17 @@ def _stage_duration(stage: Obj, now: datetime) -> float | None:
     return None
 
 
-def job_summary(job: Obj, now: datetime, hints: Sequence[Obj] = ()) -> dict[str, Any]:
-    """Everything `kubectl rlhf status JOB` shows, as plain JSON-able data."""
+def job_summary(
+    job: Obj, now: datetime, hints: Sequence[Obj] = (), rayjobs: Sequence[Obj] = ()
+) -> dict[str, Any]:
+    """Everything `kubectl rlhf status JOB` shows, as plain JSON-able data.
+
+    `rayjobs`: the job's stage RayJobs, for each stage's failure lines (`errors`, oldest first).
+    """
     meta, status = job.get("metadata") or {}, job.get("status") or {}
     stages = status.get("stages") or {}
     order = enabled_stages(job)
+    errors = stage_failures(job, rayjobs)
     current = status.get("stage")
     return {
         "namespace": meta.get("namespace"),
@@ -108,11 +115,54 @@ def job_summary(job: Obj, now: datetime, hints: Sequence[Obj] = ()) -> dict[str,
             status.get("startTime"), status.get("completionTime"), now
         ),
         "cluster": dict(status.get("cluster") or {}),
-        "stages": [stage_summary(name, stages.get(name) or {}, now) for name in order],
+        "stages": [
+            {**stage_summary(name, stages.get(name) or {}, now), "errors": errors.get(name, [])}
+            for name in order
+        ],
         "evaluation": status.get("evaluation"),
         "conditions": list(status.get("conditions") or []),
         "hints": list(hints),
     }
+
+
+def failure_line(message: str | None) -> str | None:
+    """The line that says what went wrong: the last non-empty line (the exception, as the
+    trainer prints it last on stderr and Ray appends the driver's log tail to its message)."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    if last.endswith(")") and last.count(")") > last.count("("):
+        last = last[:-1]  # the close of the operator's "RayJob x: Ray job FAILED (...)" wrapper
+    return last
+
+
+def stage_failures(job: Obj, rayjobs: Sequence[Obj]) -> dict[str, list[str]]:
+    """Per stage, the failure line of every failed attempt (oldest first)."""
+    meta_name = (job.get("metadata") or {}).get("name")
+    stages = (job.get("status") or {}).get("stages") or {}
+    found: dict[str, dict[str, str]] = {}
+    for rj in sorted(
+        rayjobs, key=lambda r: parse_time(_created(r)) or datetime.min.replace(tzinfo=UTC)
+    ):
+        labels = (rj.get("metadata") or {}).get("labels") or {}
+        stage = labels.get(names.LABEL_STAGE)
+        rstatus = rj.get("status") or {}
+        failed = rstatus.get("jobStatus") == "FAILED" or rstatus.get("jobDeploymentStatus") in (
+            "Failed",
+        )
+        line = failure_line(rstatus.get("message"))
+        if stage and failed and line and labels.get(names.LABEL_JOB) in (None, meta_name):
+            found.setdefault(stage, {})[rj["metadata"]["name"]] = line
+    for stage, st in stages.items():  # RayJobs gone (or not readable): the last reason only
+        line = failure_line(st.get("message"))
+        if line and not found.get(stage):
+            found[stage] = {st.get("rayJob") or "": line}
+    return {stage: list(lines.values()) for stage, lines in found.items()}
+
+
+def _created(obj: Obj) -> Any:
+    return (obj.get("metadata") or {}).get("creationTimestamp")
 
 
 def curve_stage(summary: Obj) -> Obj | None:
