@@ -1,0 +1,57 @@
+"""The real KubeRay CRD schemas (../shared/kuberay-crds/) as JSON Schema validators.
+
+A CRD's openAPIV3Schema is structural OpenAPI, close to JSON Schema. The conversion: int-or-string
+and nullable become type unions; and every object with declared properties refuses unknown ones
+(`additionalProperties: false`) unless it preserves unknown fields — the API server would prune
+an unknown field silently, so a misspelt field is a bug we want to see here.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+
+
+def _convert(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_convert(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _convert(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("anyOf", None)
+        out["type"] = ["integer", "string"]
+    if node.get("nullable"):
+        out.pop("nullable")
+        if "type" in out:
+            out["type"] = [
+                *([out["type"]] if isinstance(out["type"], str) else out["type"]),
+                "null",
+            ]
+    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@functools.cache  # the CRDs are 20k+ lines of YAML: parse each once
+def validator(crd_file: str, version: str = "v1") -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    (schema,) = [
+        v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version
+    ]
+    return jsonschema.Draft7Validator(_convert(schema))
+
+
+def errors(crd_file: str, manifest: dict[str, Any]) -> list[str]:
+    """Every schema violation of `manifest`, as `path: message`."""
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+        for e in validator(crd_file).iter_errors(manifest)
+    ]
