@@ -42,7 +42,8 @@ def _convert(node: Any) -> Any:
 
 @functools.cache  # the CRDs are 20k+ lines of YAML: parse each once
 def validator(crd_file: str, version: str = "v1") -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((CRDS / crd_file).read_text(), Loader=loader)
     (schema,) = [
         v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version
     ]
