@@ -1,0 +1,192 @@
+"""Bad RLHFJob manifests: each is refused with a message that names the field and the fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+
+from kube_sim import sample_job
+from rlhf_operator import names
+from rlhf_operator.validation import validate
+
+
+def problems(name: str = "demo", **spec: Any) -> list[str]:
+    job, found = validate(sample_job(name, **spec))
+    assert (job is None) == bool(found)
+    return found
+
+
+def test_a_good_manifest_is_valid_and_defaulted() -> None:
+    job, found = validate(sample_job("demo"))
+    assert found == [] and job is not None
+    assert job.spec.run_policy.backoff_limit == 1
+    assert job.spec.parallelism.zero_stage == 2  # defaults filled as the API server would
+
+
+def test_status_in_the_manifest_is_not_the_specs_business() -> None:
+    manifest = sample_job("demo") | {"status": {"phase": "Running", "kopf": {"junk": 1}}}
+    assert validate(manifest)[1] == []
+
+
+SCHEMA_ERRORS = [
+    ({"stages": {"ppo": {"clipRange": 3}}}, "spec.stages.ppo.clipRange"),
+    ({"stages": {"sft": {"epochs": 0}}}, "spec.stages.sft.epochs"),
+    ({"stages": {"sft": {"learningRate": -1}}}, "spec.stages.sft.learningRate"),
+    ({"cluster": {"workers": {"replicas": 0}}}, "spec.cluster.workers.replicas"),
+    ({"cluster": {"workers": {"gpusPerWorker": 99}}}, "spec.cluster.workers.gpusPerWorker"),
+    ({"cluster": {"imagePullPolicy": "Sometimes"}}, "spec.cluster.imagePullPolicy"),
+    ({"parallelism": {"zeroStage": 4}}, "spec.parallelism.zeroStage"),
+    ({"parallelism": {"precision": "int8"}}, "spec.parallelism.precision"),
+    ({"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit"),
+    ({"runPolicy": {"activeDeadlineSeconds": 0}}, "spec.runPolicy.activeDeadlineSeconds"),
+    ({"warmPool": {"keepAliveSeconds": 100000}}, "spec.warmPool.keepAliveSeconds"),
+    ({"warmPool": {"pool": "Not_A_Name"}}, "spec.warmPool.pool"),
+    ({"storage": {"secretRef": {"name": "UPPER"}}}, "spec.storage.secretRef.name"),
+    ({"stages": {"sft": {"epocs": 2}}}, "spec.stages.sft.epocs: unknown field"),
+    ({"model": {"base": ""}}, "spec.model.base"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), SCHEMA_ERRORS, ids=[f for _, f in SCHEMA_ERRORS])
+def test_schema_errors_name_the_field(spec: dict, field: str) -> None:
+    assert any(field in p for p in problems(**spec)), problems(**spec)
+
+
+RULE_ERRORS = [
+    ({"stages": {"sft": {"dataset": None}}}, "spec.stages.sft.dataset is required"),
+    ({"stages": {"reward": {"dataset": None}}}, "spec.stages.reward.dataset is required"),
+    ({"stages": {"ppo": {"prompts": None}}}, "spec.stages.ppo.prompts is required"),
+    (
+        {"stages": {"reward": {"enabled": False}}},
+        "spec.stages.ppo needs a reward model",
+    ),
+    (
+        {"stages": {"ppo": {"enabled": False}}},
+        "spec.stages.evaluation compares the PPO policy",
+    ),
+    ({"parallelism": {"offload": "parameters"}}, "requires spec.parallelism.zeroStage: 3"),
+    ({"parallelism": {"precision": "fp16"}}, "spec.parallelism.precision: fp16 needs GPUs"),
+    ({"stages": {"sft": {"batchSize": 7}}}, "spec.stages.sft.batchSize must be a multiple"),
+    ({"stages": {"ppo": {"rolloutBatchSize": 9}}}, "spec.stages.ppo.rolloutBatchSize"),
+]
+
+
+@pytest.mark.parametrize(("spec", "text"), RULE_ERRORS, ids=[t for _, t in RULE_ERRORS])
+def test_cross_field_rules(spec: dict, text: str) -> None:
+    assert any(text in p for p in problems(**spec)), problems(**spec)
+
+
+SEMANTIC_ERRORS = [
+    ({"storage": {"uri": "/data/out", "secretRef": None}}, "spec.storage.uri", "pvc://"),
+    ({"storage": {"uri": "./out", "secretRef": None}}, "spec.storage.uri", "rlhf run"),
+    (
+        {"storage": {"uri": "pvc://claim/x", "endpoint": "http://minio"}},
+        "spec.storage.endpoint",
+        "s3://",
+    ),
+    (
+        {
+            "cluster": {
+                "workers": {"gpusPerWorker": 1, "resources": {"limits": {"nvidia.com/gpu": 2}}}
+            }
+        },
+        "spec.cluster.workers.resources.limits['nvidia.com/gpu']",
+        "gpusPerWorker",
+    ),
+    (
+        {"cluster": {"workers": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}},
+        "spec.cluster.workers.resources.requests['nvidia.com/gpu']",
+        "gpusPerWorker is 0",
+    ),
+    (
+        {"cluster": {"head": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}},
+        "spec.cluster.head.resources",
+        "no GPU",
+    ),
+    (
+        {"cluster": {"workers": {"resources": {"requests": {"memory": "16GB"}}}}},
+        "spec.cluster.workers.resources.requests.memory",
+        "16Gi",
+    ),
+    (
+        {"cluster": {"head": {"resources": {"requests": {"cpu": "8"}, "limits": {"cpu": "4"}}}}},
+        "spec.cluster.head.resources.requests.cpu (8) exceeds",
+        "limit",
+    ),
+    (
+        {"cluster": {"serviceAccountName": "Bad_Account"}},
+        "spec.cluster.serviceAccountName",
+        "ServiceAccount",
+    ),
+    (
+        {"cluster": {"workers": {"nodeSelector": {"pool": "gpu nodes"}}}},
+        "spec.cluster.workers.nodeSelector.pool",
+        "label value",
+    ),
+    (
+        {"cluster": {"workers": {"nodeSelector": {"bad key!": "x"}}}},
+        "spec.cluster.workers.nodeSelector",
+        "label key",
+    ),
+    (
+        {
+            "cluster": {
+                "workers": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}
+            }
+        },
+        "spec.cluster.workers.tolerations[0].value",
+        "Exists",
+    ),
+    (
+        {"cluster": {"workers": {"tolerations": [{"value": "v"}]}}},
+        "spec.cluster.workers.tolerations[0].key",
+        "Exists",
+    ),
+    (
+        {"cluster": {"workers": {"affinity": {"nodeAfinity": {}}}}},
+        "spec.cluster.workers.affinity",
+        "nodeAfinity",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "fix"), SEMANTIC_ERRORS, ids=[f for _, f, _ in SEMANTIC_ERRORS]
+)
+def test_semantic_checks_name_the_field_and_the_fix(spec: dict, field: str, fix: str) -> None:
+    found = problems(**spec)
+    assert any(field in p and fix in p for p in found), found
+
+
+@pytest.mark.parametrize("name", ["a" * (names.MAX_JOB_NAME + 1), "9lives", "has.dot"])
+def test_job_names_that_cannot_name_their_children(name: str) -> None:
+    found = problems(name)
+    assert found and all(p.startswith("metadata.name") for p in found), found
+
+
+def test_the_longest_allowed_name_fits_kubes_limits() -> None:
+    name = "a" * names.MAX_JOB_NAME
+    assert problems(name) == []
+    assert len(names.cluster_name(name)) <= names.KUBERAY_MAX_CLUSTER_NAME
+    longest = names.rayjob_name(name, "evaluation", names.MAX_ATTEMPT)
+    assert len(longest) <= names.KUBERAY_MAX_RAYJOB_NAME
+
+
+def test_local_runs_accept_local_storage_and_any_name() -> None:
+    manifest = sample_job("Local.Run", storage={"uri": "/tmp/out", "secretRef": None})
+    job, found = validate(manifest, for_cluster=False)
+    assert found == [] and job is not None
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(
+        "x" * 40,
+        storage={"uri": "/tmp/out", "secretRef": None},
+        cluster={"workers": {"resources": {"requests": {"memory": "lots"}}}},
+    )
+    assert len(found) >= 3
