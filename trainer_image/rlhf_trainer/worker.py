@@ -58,6 +58,8 @@ class StageWorker:
     started_at: float
     artifact: Artifact
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of this thread per block: what a block costs even on a shared, busy CPU."""
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int | None = None
     reporter: ProgressReporter | None = None
@@ -99,12 +101,14 @@ class StageWorker:
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Add the block's wall time to `timings[name]`."""
-        started = time.perf_counter()
+        """Add the block's wall time to `timings[name]`, its CPU time to `cpu_timings[name]`."""
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+            cpu = time.thread_time() - cpu_started
+            self.cpu_timings[name] = self.cpu_timings.get(name, 0.0) + cpu
 
     def sampling_seed(self, step: int) -> None:
         """Seed torch's RNG from (job seed, rank, step): ranks sample different rollouts, and a
@@ -221,6 +225,7 @@ class StageWorker:
             "finished_at": finished_at,
             "worker_group_start": self.started_at - self.config.get(CONFIG_SUBMITTED_AT, 0.0),
             "timings": self.timings,
+            "cpu_timings": self.cpu_timings,
         }
         self.artifact.write_json(RUN_FILE, run)
 
