@@ -1,0 +1,354 @@
+"""The state machine, pure: given a job, its status and what its children look like, the next
+status, actions and events. Each test is one transition a user would care about."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+
+from kube_sim import sample_job
+from rlhf_operator import names
+from rlhf_operator.api import RLHFJob, RLHFJobStatus
+from rlhf_operator.reconcile import (
+    ClusterObservation,
+    CreateCluster,
+    CreateRayJob,
+    DeleteCluster,
+    DeleteJob,
+    DeleteRayJob,
+    Observed,
+    PinSpec,
+    RayJobObservation,
+    reconcile,
+    reject,
+    status_patch,
+)
+from rlhf_operator.reconcile.kuberay import Outcome, cluster_ready, rayjob_outcome
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+UID = "uid-1"
+
+
+def job(**spec: Any) -> RLHFJob:
+    manifest = sample_job("demo", **spec)
+    manifest["metadata"]["uid"] = UID
+    return RLHFJob.from_manifest(manifest)
+
+
+def ready_cluster(**kw: Any) -> ClusterObservation:
+    return ClusterObservation(
+        name="demo-ray", ready=True, state="ready", owner_uids=(UID,), job_label="demo", **kw
+    )
+
+
+def rayjob(name: str, job_status: str = "RUNNING", deployment: str = "Running", **kw: Any):
+    return RayJobObservation(name=name, job_status=job_status, deployment_status=deployment, **kw)
+
+
+NOTHING = Observed()
+
+
+def step(j: RLHFJob, status: RLHFJobStatus, observed: Observed = NOTHING, now=NOW, **kw):
+    return reconcile(j, status, observed, now, generation=kw.pop("generation", 1), **kw)
+
+
+def kinds(decision) -> list[str]:
+    return [type(a).__name__ for a in decision.actions]
+
+
+def reasons(decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def running(stage: str = "sft", attempt: int = 1, **spec: Any) -> tuple[RLHFJob, RLHFJobStatus]:
+    """A job whose `stage` runs its `attempt`, reached through the machine itself."""
+    j = job(**spec)
+    status = step(j, RLHFJobStatus(), pinned_spec="{}").status
+    status = step(j, status, Observed(cluster=ready_cluster())).status
+    for previous in j.spec.enabled_stages()[: j.spec.enabled_stages().index(stage)]:
+        done = rayjob(f"demo-{previous}-1", "SUCCEEDED", "Complete")
+        status = step(j, status, Observed(ready_cluster(), done)).status
+    for n in range(1, attempt):
+        failed = rayjob(f"demo-{stage}-{n}", "FAILED", "Failed", message="boom")
+        status = step(j, status, Observed(ready_cluster(), failed)).status
+    assert status.stages[stage].ray_job == f"demo-{stage}-{attempt}"
+    return j, status
+
+
+# --------------------------------------------------------------------------- start
+
+
+def test_a_new_job_pins_its_spec_records_the_cluster_then_creates_it() -> None:
+    d = step(job(), RLHFJobStatus(), pinned_spec='{"stages": {}}')
+    assert kinds(d) == ["PinSpec", "CreateCluster"]  # the driver pins and writes status first
+    assert d.status.phase == "Provisioning"
+    assert d.status.cluster.name == "demo-ray"  # recorded before it exists
+    assert d.actions[1].manifest["metadata"]["name"] == "demo-ray"
+    assert d.status.stage == "sft"
+    assert {s: st.state for s, st in d.status.stages.items()} == dict.fromkeys(
+        ("sft", "reward", "ppo", "evaluation"), "Pending"
+    )
+    assert d.status.stages["ppo"].artifact == "s3://bucket/rlhf/demo/ppo"
+    assert "ClusterCreated" in reasons(d)
+    valid = next(c for c in d.status.conditions if c.type == "Valid")
+    assert valid.status == "True"
+
+
+def test_disabled_stages_are_skipped() -> None:
+    j = job(stages={"evaluation": {"enabled": False}})
+    d = step(j, RLHFJobStatus())
+    assert d.status.stages["evaluation"].state == "Skipped"
+
+
+def test_a_cluster_that_is_not_ready_is_a_wait() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=ClusterObservation("demo-ray", owner_uids=(UID,))))
+    assert d.actions == [] and d.status.phase == "Provisioning"
+    ready = next(c for c in d.status.conditions if c.type == "ClusterReady")
+    assert (ready.status, ready.reason) == ("False", "ClusterProvisioning")
+
+
+def test_a_recorded_cluster_that_is_missing_is_created_again() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=None))
+    assert kinds(d) == ["CreateCluster"] and d.events == []  # create-if-absent, quietly
+
+
+def test_a_ready_cluster_starts_the_first_stage() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=ready_cluster()))
+    assert d.status.phase == "Running"
+    assert kinds(d) == ["CreateRayJob"]
+    manifest = d.actions[0].manifest
+    assert manifest["metadata"]["name"] == "demo-sft-1"
+    assert manifest["spec"]["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "demo-ray"}
+    assert d.status.stages["sft"].ray_job == "demo-sft-1"
+    assert d.status.stages["sft"].attempts == 1
+    assert reasons(d) == ["ClusterReady", "StageStarted"]
+
+
+def test_someone_elses_cluster_with_our_name_fails_the_job() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    foreign = ClusterObservation("demo-ray", ready=True, owner_uids=("other",))
+    d = step(j, status, Observed(cluster=foreign))
+    assert d.status.phase == "Failed"
+    assert "does not belong to this RLHFJob" in d.status.message
+    assert not any(isinstance(a, DeleteCluster) for a in d.actions)  # never delete theirs
+
+
+# --------------------------------------------------------------------------- running
+
+
+@pytest.mark.parametrize(
+    ("job_status", "deployment", "outcome"),
+    [
+        ("SUCCEEDED", "Complete", Outcome.SUCCEEDED),
+        ("SUCCEEDED", "Running", Outcome.SUCCEEDED),  # drift: Ray done, KubeRay not yet
+        ("FAILED", "Complete", Outcome.FAILED),
+        ("STOPPED", "Complete", Outcome.FAILED),
+        ("FAILED", "Running", Outcome.FAILED),
+        ("", "Failed", Outcome.FAILED),  # submission failed: no Ray job at all
+        ("RUNNING", "Failed", Outcome.FAILED),
+        ("PENDING", "Complete", Outcome.FAILED),
+        ("", "Initializing", Outcome.RUNNING),
+        ("PENDING", "Running", Outcome.RUNNING),
+        ("RUNNING", "Running", Outcome.RUNNING),
+        ("", "", Outcome.RUNNING),
+    ],
+)
+def test_jobstatus_and_deployment_status_are_read_together(
+    job_status: str, deployment: str, outcome: Outcome
+) -> None:
+    assert rayjob_outcome(rayjob("x", job_status, deployment))[0] is outcome
+
+
+def test_failure_messages_carry_kuberays_reason() -> None:
+    _, why = rayjob_outcome(rayjob("x", "", "Failed", reason="SubmissionFailed", message="no"))
+    assert "SubmissionFailed" in why and "RayJob x" in why
+
+
+@pytest.mark.parametrize(
+    ("status", "ready"),
+    [
+        ({"state": "ready"}, True),
+        ({"conditions": [{"type": "RayClusterProvisioned", "status": "True"}]}, True),
+        ({"state": "ready", "conditions": [{"type": "HeadPodReady", "status": "False"}]}, False),
+        ({"conditions": [{"type": "RayClusterProvisioned", "status": "False"}]}, False),
+        ({}, False),
+    ],
+)
+def test_cluster_readiness(status: dict, ready: bool) -> None:
+    assert cluster_ready(status) is ready
+
+
+def test_a_running_rayjob_changes_nothing() -> None:
+    j, status = running("sft")
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-1")))
+    assert d.actions == [] and d.events == []
+    assert status_patch(status, d.status) == {}  # nothing changed: nothing is written
+
+
+def test_a_recorded_rayjob_that_is_missing_is_created_again() -> None:
+    j, status = running("reward")
+    d = step(j, status, Observed(ready_cluster(), None))
+    assert kinds(d) == ["CreateRayJob"] and d.actions[0].name == "demo-reward-1"
+    assert status_patch(status, d.status) == {}
+
+
+def test_success_moves_to_the_next_stage() -> None:
+    j, status = running("sft")
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-1", "SUCCEEDED", "Complete")))
+    assert d.status.stages["sft"].state == "Succeeded"
+    assert d.status.stage == "reward" and d.status.stages["reward"].ray_job == "demo-reward-1"
+    assert kinds(d) == ["CreateRayJob"]
+    assert reasons(d) == ["StageSucceeded", "StageStarted"]
+    assert any(c.type == "SftComplete" and c.status == "True" for c in d.status.conditions)
+
+
+def test_the_last_success_finishes_the_job_and_releases_the_cluster() -> None:
+    j, status = running("evaluation")
+    status.stages["evaluation"].metrics = {"win_rate": 0.8, "mean_reward_sft": 0.1}
+    done = rayjob("demo-evaluation-1", "SUCCEEDED", "Complete")
+    d = step(j, status, Observed(ready_cluster(), done))
+    assert d.status.phase == "Succeeded" and d.status.completion_time
+    assert kinds(d) == ["DeleteCluster"]
+    assert "JobSucceeded" in reasons(d) and "ClusterDeleted" in reasons(d)
+    assert d.status.evaluation.win_rate == 0.8
+    assert d.status.reward == "win 0.80"
+
+
+def test_a_failure_retries_with_a_new_attempt_resuming_from_checkpoints() -> None:
+    j, status = running("ppo")
+    failed = rayjob("demo-ppo-1", "FAILED", "Failed", reason="AppFailed", message="OOM")
+    d = step(j, status, Observed(ready_cluster(), failed))
+    ppo = d.status.stages["ppo"]
+    assert (ppo.attempts, ppo.failures, ppo.state) == (2, 1, "Running")
+    assert kinds(d) == ["CreateRayJob"]
+    entry = d.actions[0].manifest["spec"]["entrypoint"]
+    assert "--attempt 2" in entry and "s3://bucket/rlhf/demo/ppo/checkpoints" in entry
+    retried = next(e for e in d.events if e.reason == "StageRetried")
+    assert retried.type == "Warning" and "OOM" in retried.message
+
+
+def test_exhausted_retries_fail_the_job_with_the_reason() -> None:
+    j, status = running("sft", attempt=2)  # backoffLimit 1: this is the last attempt
+    failed = rayjob("demo-sft-2", "FAILED", "Failed", message="loss is NaN")
+    d = step(j, status, Observed(ready_cluster(), failed))
+    assert d.status.phase == "Failed"
+    assert "Stage sft failed after 2 attempt(s)" in d.status.message
+    assert "loss is NaN" in d.status.message
+    assert "DeleteCluster" in kinds(d) and "CreateRayJob" not in kinds(d)
+    assert reasons(d)[:2] == ["StageFailed", "JobFailed"]
+
+
+def test_a_lost_cluster_is_recreated_and_the_stage_rerun_without_counting_a_failure() -> None:
+    j, status = running("reward")
+    d = step(j, status, Observed(cluster=None, rayjob=rayjob("demo-reward-1")))
+    assert d.status.phase == "Provisioning"
+    assert kinds(d) == ["DeleteRayJob", "CreateCluster"]
+    assert d.status.stages["reward"].failures == 0
+    assert "ClusterLost" in reasons(d)
+
+
+# --------------------------------------------------------------------------- run policy
+
+
+def test_active_deadline_fails_and_stops_the_running_stage() -> None:
+    j, status = running("ppo", runPolicy={"activeDeadlineSeconds": 60, "backoffLimit": 1})
+    later = NOW + timedelta(seconds=61)
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-ppo-1")), now=later)
+    assert d.status.phase == "Failed"
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert failed.reason == "DeadlineExceeded"
+    assert kinds(d) == ["DeleteRayJob", "DeleteCluster"]
+
+
+def test_suspend_stops_the_stage_and_releases_the_cluster() -> None:
+    _, status = running("ppo", runPolicy={"suspend": False})
+    suspended = job(runPolicy={"suspend": True})
+    d = step(suspended, status, Observed(ready_cluster(), rayjob("demo-ppo-1")))
+    assert d.status.phase == "Suspended"
+    assert kinds(d) == ["DeleteRayJob", "DeleteCluster"]
+    assert d.status.stages["ppo"].state == "Pending"
+    assert "JobSuspended" in reasons(d)
+
+
+def test_resume_recreates_the_cluster_then_starts_a_new_attempt() -> None:
+    j, status = running("ppo")
+    status = step(job(runPolicy={"suspend": True}), status, Observed(ready_cluster())).status
+    d = step(j, status, Observed(cluster=None), now=NOW + timedelta(hours=1))
+    assert d.status.phase == "Provisioning" and kinds(d) == ["CreateCluster"]
+    assert "JobResumed" in reasons(d)
+    d = step(j, d.status, Observed(cluster=ready_cluster()))
+    assert d.actions[0].name == "demo-ppo-2"
+    assert d.status.stages["ppo"].failures == 0
+
+
+def test_ttl_deletes_the_finished_job() -> None:
+    j = job(runPolicy={"ttlSecondsAfterFinished": 30})
+    status = RLHFJobStatus(phase="Succeeded", completion_time="2026-01-01T12:00:00Z")
+    assert kinds(step(j, status, now=NOW + timedelta(seconds=29))) == []
+    assert kinds(step(j, status, now=NOW + timedelta(seconds=30))) == ["DeleteJob"]
+
+
+def test_a_finished_job_keeps_releasing_a_cluster_that_survived() -> None:
+    j = job()
+    status = RLHFJobStatus(phase="Failed", completion_time="2026-01-01T12:00:00Z")
+    d = step(j, status, Observed(cluster=ready_cluster()))
+    assert kinds(d) == ["DeleteCluster"] and d.events == []  # a retry, not news
+    d = step(j, status, Observed(cluster=ready_cluster(deleting=True)))
+    assert d.actions == []
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def test_an_invalid_spec_fails_with_one_warning_and_no_actions() -> None:
+    d = reject(RLHFJobStatus(), ["spec.storage.uri: local path"], NOW, 1)
+    assert d.status.phase == "Failed" and d.actions == []
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "InvalidSpec")]
+    valid = next(c for c in d.status.conditions if c.type == "Valid")
+    assert (valid.status, valid.message) == ("False", "spec.storage.uri: local path")
+    again = reject(d.status, ["spec.storage.uri: local path"], NOW, 1)
+    assert again.events == [] and status_patch(d.status, again.status) == {}
+
+
+def test_a_fixed_spec_starts_over() -> None:
+    failed = reject(RLHFJobStatus(), ["bad"], NOW, 1).status
+    d = step(job(), failed, generation=2)
+    assert d.status.phase == "Provisioning" and "CreateCluster" in kinds(d)
+
+
+def test_spec_changes_after_start_warn_once_per_generation() -> None:
+    j, status = running("sft")
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-1")), generation=2,
+             spec_changed=True)  # fmt: skip
+    assert reasons(d) == ["SpecChangeIgnored"]
+    assert d.status.observed_generation == 2
+    d = step(j, d.status, Observed(ready_cluster(), rayjob("demo-sft-1")), generation=2,
+             spec_changed=True)  # fmt: skip
+    assert d.events == []
+
+
+def test_status_patch_holds_only_what_changed() -> None:
+    j, status = running("sft")
+    status.stages["sft"].metrics = {"loss": 1.0}  # reported by the trainer meanwhile
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-1", "SUCCEEDED", "Complete")))
+    patch = status_patch(status, d.status)
+    assert "metrics" not in patch["stages"]["sft"]  # never clobbers trainer reports
+    assert patch["stages"]["sft"]["state"] == "Succeeded"
+    assert "cluster" not in patch
+
+
+def test_action_types_are_exported() -> None:
+    assert {CreateCluster, CreateRayJob, DeleteCluster, DeleteJob, DeleteRayJob, PinSpec}
