@@ -1,0 +1,163 @@
+"""The generated CRD: committed copy current, structural, same defaults and rules as pydantic."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+
+from kube_sim import sample_job
+from rlhf_operator import crd
+from rlhf_operator.api import RULES, RLHFJobSpec
+
+SPEC_SCHEMA = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+
+
+def test_the_committed_crd_is_current() -> None:
+    assert crd.CRD_FILE.read_text() == crd.render_crd(), "crds/ is out of date: run `make crds`"
+    assert yaml.safe_load(crd.CRD_FILE.read_text()) == crd.build_crd()
+
+
+def _nodes(node: Any, path: str = "") -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, child in (node.get("properties") or {}).items():
+            out += _nodes(child, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                out += _nodes(node[key], f"{path}[{key}]")
+    return out
+
+
+@pytest.mark.parametrize("part", ["spec", "status"])
+def test_the_schema_is_structural(part: str) -> None:
+    for path, node in _nodes(SPEC_SCHEMA[part], part):
+        for banned in ("anyOf", "oneOf", "allOf", "not", "$ref", "$defs", "definitions"):
+            assert banned not in node, f"{path}: {banned} is not structural"
+        typed = "type" in node or node.get("x-kubernetes-int-or-string")
+        assert typed or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        if "properties" in node:
+            assert node["type"] == "object", path
+
+
+def apply_defaults(value: Any, schema: dict) -> Any:
+    """The API server's structural defaulting: missing fields get `default`, recursively."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, prop in schema["properties"].items():
+            if key not in value and "default" in prop:
+                value[key] = copy.deepcopy(prop["default"])
+            if key in value:
+                value[key] = apply_defaults(value[key], prop)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [apply_defaults(item, schema["items"]) for item in value]
+    return value
+
+
+MINIMAL = {
+    "model": {"base": "gpt2"},
+    "storage": {"uri": "s3://b/p"},
+    "stages": {
+        "sft": {"dataset": {"uri": "d"}},
+        "reward": {"dataset": {"uri": "p"}},
+        "ppo": {"prompts": {"uri": "q"}},
+    },
+}
+
+
+@pytest.mark.parametrize("spec", [MINIMAL, sample_job()["spec"]], ids=["minimal", "sample"])
+def test_crd_defaults_are_pydantics_defaults(spec: dict) -> None:
+    by_api_server = apply_defaults(spec, SPEC_SCHEMA["spec"])
+    by_pydantic = RLHFJobSpec.model_validate(spec).to_wire()
+    assert by_api_server == by_pydantic
+
+
+# --------------------------------------------------------------------------- CEL == Python
+
+celpy = pytest.importorskip("celpy", reason="cel-python (dev extra) evaluates the CRD's CEL rules")
+
+CASES = {
+    "valid": {},
+    "all-disabled": {
+        "stages": {s: {"enabled": False} for s in ("sft", "reward", "ppo", "evaluation")}
+    },
+    "sft-no-dataset": {"stages": {"sft": {"dataset": None}}},
+    "sft-off-no-dataset": {"stages": {"sft": {"enabled": False, "dataset": None}}},
+    "reward-no-dataset": {"stages": {"reward": {"dataset": None}}},
+    "reward-pretrained": {"stages": {"reward": {"dataset": None, "model": "rm"}}},
+    "ppo-without-reward": {"stages": {"reward": {"enabled": False}}},
+    "ppo-pretrained-rm": {"stages": {"reward": {"enabled": False, "model": "rm"}}},
+    "ppo-no-prompts": {"stages": {"ppo": {"prompts": None}}},
+    "eval-without-ppo": {"stages": {"ppo": {"enabled": False}}},
+    "offload-params-z2": {"parallelism": {"offload": "parameters"}},
+    "offload-params-z3": {"parallelism": {"offload": "parameters", "zeroStage": 3}},
+    "offload-optim-z0": {"parallelism": {"offload": "optimizer", "zeroStage": 0}},
+    "fp16-cpu": {"parallelism": {"precision": "fp16"}},
+    "fp16-gpu": {
+        "parallelism": {"precision": "fp16"},
+        "cluster": {"workers": {"gpusPerWorker": 1}},
+    },
+    "batch-not-multiple": {"stages": {"sft": {"batchSize": 7}}},
+    "micro-batch-ok": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 4}}},
+    "micro-batch-bad": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 3}}},
+    "rollout-not-multiple": {"stages": {"ppo": {"rolloutBatchSize": 9}}},
+}
+
+
+VALID_CASES = {
+    "valid",
+    "sft-off-no-dataset",
+    "reward-pretrained",
+    "ppo-pretrained-rm",
+    "offload-params-z3",
+    "fp16-gpu",
+    "micro-batch-ok",
+}
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict) or not isinstance(base, dict):
+        return patch
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+def _python_broken(spec: dict) -> set[str]:
+    try:
+        RLHFJobSpec.model_validate(spec)
+    except ValidationError as error:
+        text = str(error)
+        return {rule.message for rule in RULES if rule.message in text}
+    return set()
+
+
+def _cel_broken(spec: dict) -> set[str]:
+    env = celpy.Environment()
+    wire = apply_defaults(spec, SPEC_SCHEMA["spec"])  # CEL runs after defaulting
+    activation = {"self": celpy.json_to_cel(wire)}
+    return {
+        rule.message
+        for rule in RULES
+        if not bool(env.program(env.compile(rule.cel)).evaluate(activation))
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cel_rules_and_python_rules_agree(case: str) -> None:
+    spec = _merge(sample_job()["spec"], CASES[case])
+    python, cel = _python_broken(spec), _cel_broken(spec)
+    assert python == cel
+    assert (case in VALID_CASES) == (not python)
