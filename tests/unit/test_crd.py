@@ -161,3 +161,12 @@ def test_cel_rules_and_python_rules_agree(case: str) -> None:
     python, cel = _python_broken(spec), _cel_broken(spec)
     assert python == cel
     assert (case in VALID_CASES) == (not python)
+
+
+def test_the_readme_api_table_is_current() -> None:
+    from rlhf_operator import apidoc
+
+    readme = apidoc.README.read_text()
+    assert apidoc.BEGIN in readme, "README lost its apidoc markers"
+    assert apidoc.render(readme) == readme, "run `python -m rlhf_operator.apidoc`"
+    assert "`spec.stages.ppo.klCoef`" in readme
