@@ -43,6 +43,12 @@ def looks_local(uri: str) -> bool:
     )
 
 
+def _blank(path: Path, probe: int = 65536) -> bool:
+    """A file with nothing but whitespace (read only when it is small)."""
+    size = path.stat().st_size
+    return size == 0 or (size <= probe and not path.read_bytes().strip())
+
+
 def _load(spec: DatasetSpec, field: str, split: str) -> datasets.Dataset:
     import datasets
 
@@ -60,6 +66,8 @@ def _load(spec: DatasetSpec, field: str, split: str) -> datasets.Dataset:
             raise UserError(f"{field}.uri: {uri} does not exist; fix the path.")
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
+        if _blank(path):  # `datasets` fails on it with an empty message
+            raise UserError(f"{field}.uri: {uri} is empty; point it at data.")
         builder = LOCAL_FORMATS.get(path.suffix)
         if builder is None:
             raise UserError(
@@ -71,7 +79,9 @@ def _load(spec: DatasetSpec, field: str, split: str) -> datasets.Dataset:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{field}: could not load split {split!r} of {uri}: {exc}") from exc
+        raise UserError(
+            f"{field}: could not load split {split!r} of {uri}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def require_columns(

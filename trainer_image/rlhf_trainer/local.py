@@ -52,6 +52,7 @@ class ProgressBar:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar: Any = None
+        self._seen: float | None = None
 
     def __enter__(self) -> ProgressBar:
         self.path.unlink(missing_ok=True)
@@ -65,8 +66,9 @@ class ProgressBar:
 
     def _refresh(self) -> None:
         report = read_progress(self.path)
-        if not report or self._bar is None:
+        if not report or self._bar is None or report.get("updatedAt") == self._seen:
             return
+        self._seen = report.get("updatedAt")
         if self._bar.total != report["totalSteps"]:
             self._bar.reset(total=report["totalSteps"])
             self._bar.set_description(self.stage)
