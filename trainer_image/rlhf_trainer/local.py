@@ -27,7 +27,7 @@ from rlhf_trainer.jobspec import (
 )
 from rlhf_trainer.launcher import StageResult, ensure_ray, preflight, run_stage
 from rlhf_trainer.progress import read_progress
-from rlhf_trainer.summary import build_summary, stage_line, timings_report
+from rlhf_trainer.summary import build_summary, overhead_line, stage_line, timings_report
 
 SUMMARY_FILE = "summary.json"
 TIMINGS_FILE = "timings.json"
@@ -158,6 +158,7 @@ def run_local(
     from rlhf_trainer.plots import plot_curves
 
     plot = plot_curves({s: r.history for s, r in results.items()}, output_dir / PLOT_FILE)
+    print(overhead_line(ray_seconds, results), file=out)
     print(f"summary: {json.dumps(summary)}", file=out)
     written = [output_dir / SUMMARY_FILE, output_dir / TIMINGS_FILE, plot]
     if "evaluation" in results:

@@ -118,3 +118,16 @@ def stage_line(result: StageResult) -> str:
         f"{result.stage}: {headline} ({result.steps_run} steps{resumed}, {result.seconds:.1f}s: "
         f"compute {compute:.1f}s; overheads: {overheads})"
     )
+
+
+def overhead_line(ray_start_seconds: float, results: Mapping[str, StageResult]) -> str:
+    """Totals over the stages: Ray + Ray Train + DeepSpeed overheads against the compute."""
+    ran = [r for r in results.values() if not r.skipped]
+    totals = {key: sum(r.timings.get(key, 0.0) for r in ran) for key, _ in OVERHEADS}
+    compute = sum(r.timings.get("train_s", r.timings.get("evaluate_s", 0.0)) for r in ran)
+    parts = ", ".join(f"{label} {totals[key]:.1f}s" for key, label in OVERHEADS)
+    overhead = ray_start_seconds + sum(totals.values())
+    return (
+        f"overheads: Ray start {ray_start_seconds:.1f}s, {parts} (total {overhead:.1f}s) "
+        f"vs compute {compute:.1f}s over {len(ran)} stages"
+    )

@@ -86,7 +86,6 @@ class StageWorker:
             started_at=started_at,
             artifact=Artifact(job.spec.storage.uri, job.metadata.name, stage),
         )
-        worker.timings["imports"] = time.time() - started_at
         return worker
 
     @property
