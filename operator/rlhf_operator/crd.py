@@ -36,6 +36,10 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+RESOURCE_DESCRIPTION = (
+    "A whole RLHF pipeline (SFT, reward model, PPO, evaluation) on one Ray cluster."
+)
+
 _DROP = {"title", "additionalProperties", "$defs"}
 _EXCLUSIVE_BOUNDS = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 
@@ -86,7 +90,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = value
     if out.get("default", 0) is None:
         del out["default"]
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    if (
+        out.get("type") == "object"
+        and "properties" not in out
+        and "additionalProperties" not in out
+    ):
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 
@@ -104,8 +112,12 @@ class _FactoryDefaults(GenerateJsonSchema):
             value = factory()
             if isinstance(value, BaseModel):
                 plain = value == type(value)()
-                value = {} if plain else value.model_dump(mode="json", by_alias=True, exclude_none=True)
-            schema = {k: v for k, v in schema.items() if k != "default_factory"} | {"default": value}
+                value = (
+                    {} if plain else value.model_dump(mode="json", by_alias=True, exclude_none=True)
+                )
+            schema = {k: v for k, v in schema.items() if k != "default_factory"} | {
+                "default": value
+            }
         return super().default_schema(schema)
 
 
@@ -146,7 +158,7 @@ def build_crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A whole RLHF pipeline (SFT, reward model, PPO, evaluation) on one Ray cluster.",
+                            "description": RESOURCE_DESCRIPTION,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},

@@ -169,7 +169,9 @@ class PPOStage(ApiModel):
         default=64, ge=1, description="Prompts sampled per iteration, over all workers."
     )
     mini_batch_size: int | None = Field(
-        default=None, ge=1, description="Per-worker minibatch of a PPO update; whole shard if empty."
+        default=None,
+        ge=1,
+        description="Per-worker minibatch of a PPO update; whole shard if empty.",
     )
     ppo_epochs: int = Field(default=4, ge=1, le=64, description="Passes over each rollout batch.")
     learning_rate: float = Field(default=1e-6, gt=0, le=1, description="Policy learning rate.")
@@ -219,9 +221,7 @@ class Stages(ApiModel):
     sft: SFTStage = Field(default_factory=SFTStage, description="Supervised fine-tuning.")
     reward: RewardStage = Field(default_factory=RewardStage, description="Reward model.")
     ppo: PPOStage = Field(default_factory=PPOStage, description="PPO.")
-    evaluation: EvaluationStage = Field(
-        default_factory=EvaluationStage, description="Evaluation."
-    )
+    evaluation: EvaluationStage = Field(default_factory=EvaluationStage, description="Evaluation.")
 
 
 # --------------------------------------------------------------------------- cluster
@@ -268,7 +268,9 @@ class ClusterSpec(ApiModel):
     """The Ray cluster (KubeRay RayCluster) that runs every stage of the job."""
 
     image: str = Field(
-        default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image for head and workers."
+        default=DEFAULT_TRAINER_IMAGE,
+        min_length=1,
+        description="Trainer image for head and workers.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Image pull policy of the Ray pods."
@@ -307,7 +309,10 @@ class WarmPoolSpec(ApiModel):
     """Keep the finished job's Ray cluster warm for the next job with the same shape."""
 
     keep_alive_seconds: int = Field(
-        default=0, ge=0, le=86400, description="Seconds a finished cluster stays claimable; 0 = delete."
+        default=0,
+        ge=0,
+        le=86400,
+        description="Seconds a finished cluster stays claimable; 0 = delete.",
     )
     pool: str | None = Field(
         default=None,
@@ -365,8 +370,12 @@ RULES: tuple[Rule, ...] = (
         cel="self.stages.sft.enabled || self.stages.reward.enabled || self.stages.ppo.enabled"
         " || self.stages.evaluation.enabled",
         check=lambda s: any(
-            (s.stages.sft.enabled, s.stages.reward.enabled, s.stages.ppo.enabled,
-             s.stages.evaluation.enabled)
+            (
+                s.stages.sft.enabled,
+                s.stages.reward.enabled,
+                s.stages.ppo.enabled,
+                s.stages.evaluation.enabled,
+            )
         ),
         message="spec.stages: every stage is disabled; enable at least one stage.",
         field_path=".stages",
@@ -381,9 +390,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         cel="!self.stages.reward.enabled || has(self.stages.reward.model)"
         " || has(self.stages.reward.dataset)",
-        check=lambda s: not s.stages.reward.enabled
-        or s.stages.reward.model is not None
-        or s.stages.reward.dataset is not None,
+        check=lambda s: (
+            not s.stages.reward.enabled
+            or s.stages.reward.model is not None
+            or s.stages.reward.dataset is not None
+        ),
         message="spec.stages.reward.dataset is required to train a reward model; set it, or set "
         "spec.stages.reward.model to a pretrained reward model.",
         field_path=".stages.reward.dataset",
@@ -391,9 +402,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         cel="!self.stages.ppo.enabled || self.stages.reward.enabled"
         " || has(self.stages.reward.model)",
-        check=lambda s: not s.stages.ppo.enabled
-        or s.stages.reward.enabled
-        or s.stages.reward.model is not None,
+        check=lambda s: (
+            not s.stages.ppo.enabled or s.stages.reward.enabled or s.stages.reward.model is not None
+        ),
         message="spec.stages.ppo needs a reward model: enable spec.stages.reward or set "
         "spec.stages.reward.model to a pretrained reward model.",
         field_path=".stages.reward",
