@@ -14,7 +14,7 @@ from rlhf_trainer.batches import BatchPlan, sft_batch
 from rlhf_trainer.engine import ds_config
 from rlhf_trainer.generation import cut_after_eos, pack
 from rlhf_trainer.jobspec import UserError, parse_job, with_absolute_paths
-from rlhf_trainer.launcher import StageResult
+from rlhf_trainer.launcher import StageResult, ray_storage_path, run_stage
 from rlhf_trainer.models import last_token
 from rlhf_trainer.schedule import plan
 from rlhf_trainer.stages.evaluation import summarize
@@ -194,3 +194,31 @@ def test_latest_checkpoint_skips_incomplete_saves(tmp_path: Path) -> None:
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "step_00000020"), 20)
     assert latest_checkpoint(str(tmp_path / "absent")) is None
+
+
+def test_ray_train_gets_paths_it_can_open() -> None:
+    assert ray_storage_path("pvc://models/rlhf/job/sft") == "/mnt/rlhf/models/rlhf/job/sft"
+    assert ray_storage_path("file:///data/job/sft") == "/data/job/sft"
+    assert ray_storage_path("s3://bucket/rlhf/job/sft") == "s3://bucket/rlhf/job/sft"
+
+
+def test_a_pretrained_reward_model_skips_the_reward_stage(tmp_path: Path) -> None:
+    model = tmp_path / "rm"
+    model.mkdir()
+    job = parse_job(
+        {
+            "metadata": {"name": "j"},
+            "spec": {
+                "model": {"base": "gpt2"},
+                "storage": {"uri": str(tmp_path / "out")},
+                "stages": {
+                    "sft": {"enabled": False},
+                    "reward": {"model": str(model)},
+                    "ppo": {"prompts": {"uri": "imdb"}},
+                },
+            },
+        }
+    )
+    result = run_stage(job, "reward")  # returns before any Ray or worker starts
+    assert result.skipped == f"pretrained reward model {model}"
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ Train uses for its checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -145,8 +146,11 @@ def subdirectories(uri: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == fs.FileType.Directory)
 
 
+@functools.cache
 def fetch_dir(uri: str) -> Path:
-    """A local directory with the content of `uri` (the directory itself when it is local)."""
+    """A local directory with the content of `uri` (the directory itself when it is local).
+    Remote directories are copied once per process (a tokenizer and two models often share one).
+    """
     if not is_remote(uri):
         return Path(local_path(uri))
     from pyarrow import fs

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_operator.api import RLHFJob
+from rlhf_operator.api.storage import local_path
 
 from rlhf_trainer.artifacts import (
     CHECKPOINTS_DIR,
@@ -28,7 +29,7 @@ from rlhf_trainer.artifacts import (
     read_json,
     read_jsonl,
 )
-from rlhf_trainer.jobspec import UserError
+from rlhf_trainer.jobspec import UserError, is_remote
 from rlhf_trainer.stages import STAGE_MODULES
 from rlhf_trainer.worker import (
     CONFIG_ATTEMPT,
@@ -163,7 +164,13 @@ def _resume_checkpoint(artifact: Artifact, resume_from: str | None) -> str | Non
         return None
     uri, step = found
     logger.warning("resuming from the checkpoint at step %d (%s)", step, uri)
-    return uri
+    return ray_storage_path(uri)
+
+
+def ray_storage_path(uri: str) -> str:
+    """What Ray Train (pyarrow) can open: object-store URIs as they are, pvc:// and file://
+    as the local (mounted) path."""
+    return uri if is_remote(uri) else local_path(uri)
 
 
 def run_stage(
@@ -215,7 +222,7 @@ def run_stage(
         ),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
-            storage_path=artifact.uri,
+            storage_path=ray_storage_path(artifact.uri),
             failure_config=FailureConfig(max_failures=WORKER_FAILURE_RETRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),
