@@ -392,15 +392,17 @@ class OperatorRunner:
 
     async def kill(self, then: Callable[[], None] = lambda: None) -> None:
         """Kill the operator where it stands, as SIGKILL would: every task of it is cancelled
-        mid-step, no cleanup runs. `then()` runs once it is dead and before the thread is
-        joined: e.g. release a request the emulator holds, which a (sync) handler thread may
-        still wait on; that thread then fails on its answer and writes nothing more."""
+        mid-step (kopf still runs its cleanup activities; ours only stop the expiry sweep,
+        which a killed process loses anyway). `then()` runs as the kill is sent: e.g. release
+        a request the emulator holds, which a (sync) handler thread waits on and kopf cannot
+        cancel; that thread then fails on its answer (503) and writes nothing more."""
         if self._thread is None or self._loop is None or self._main is None:
             return
         self._loop.call_soon_threadsafe(self._main.cancel)
+        then()
         while not self._main.done():
             await asyncio.sleep(0.01)
-        then()
+        self._stop.set()  # only wakes kopf's stop-flag waiter thread, which would block the exit
         await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
         self.error = None  # the cancellation was the point
