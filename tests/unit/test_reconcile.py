@@ -29,7 +29,13 @@ from rlhf_operator.reconcile import (
     reject,
     status_patch,
 )
-from rlhf_operator.reconcile.kuberay import Outcome, cluster_ready, rayjob_outcome
+from rlhf_operator.reconcile.kuberay import (
+    MESSAGE_LIMIT,
+    Outcome,
+    cluster_ready,
+    rayjob_outcome,
+    shorten,
+)
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
@@ -352,3 +358,12 @@ def test_status_patch_holds_only_what_changed() -> None:
 
 def test_action_types_are_exported() -> None:
     assert {CreateCluster, CreateRayJob, DeleteCluster, DeleteJob, DeleteRayJob, PinSpec}
+
+
+def test_a_long_failure_message_keeps_the_error_at_its_end() -> None:
+    traceback = "RayJob j-sft-1: Ray job FAILED (" + "  frame\n" * 200 + "ValueError: bad column)"
+    short = shorten(traceback)
+    assert len(short) <= MESSAGE_LIMIT
+    assert short.startswith("RayJob j-sft-1: Ray job FAILED")
+    assert short.endswith("ValueError: bad column)")
+    assert shorten("short") == "short"

@@ -87,6 +87,14 @@ def observe_rayjob(body: Mapping[str, Any]) -> RayJobObservation:
     )
 
 
+def shorten(message: str, limit: int = MESSAGE_LIMIT, head: int = 120) -> str:
+    """Keep the start (which RayJob, in what state) and the end, where a driver's traceback
+    names the actual error; the middle of a long traceback is what status can spare."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:head]} … {message[-(limit - head - 3) :]}"
+
+
 def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
     """The outcome of a RayJob and, for a failure, why (see the table in the module docstring)."""
     job, deployment = rayjob.job_status, rayjob.deployment_status
@@ -96,9 +104,7 @@ def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
         what = f"Ray job {job}" if job else f"deployment {deployment}"
         detail = ": ".join(part for part in (rayjob.reason, rayjob.message) if part)
         message = f"RayJob {rayjob.name}: {what}" + (f" ({detail})" if detail else "")
-        if len(message) > MESSAGE_LIMIT:
-            message = message[: MESSAGE_LIMIT - 1] + "…"
-        return Outcome.FAILED, message
+        return Outcome.FAILED, shorten(message)
     return Outcome.RUNNING, ""
 
 
