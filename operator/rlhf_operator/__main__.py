@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose, debug=args.debug)
     if args.metrics_port:
         start_metrics_server(args.metrics_port)
+    settings = kopf.OperatorSettings()
+    # A single-namespace install is granted no cluster-scoped rights (a Role, not a ClusterRole):
+    # kopf must then not scan for CRDs and namespaces, or it would log 403s.
+    settings.scanning.disabled = bool(args.namespace)
     kopf.run(
+        settings=settings,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
