@@ -49,6 +49,10 @@ SCHEMA_ERRORS = [
     ({"storage": {"secretRef": {"name": "UPPER"}}}, "spec.storage.secretRef.name"),
     ({"stages": {"sft": {"epocs": 2}}}, "spec.stages.sft.epocs: unknown field"),
     ({"model": {"base": ""}}, "spec.model.base"),
+    (
+        {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
+        "spec.stages.reward.positiveLabel",
+    ),
 ]
 
 
@@ -73,6 +77,10 @@ RULE_ERRORS = [
     ({"parallelism": {"precision": "fp16"}}, "spec.parallelism.precision: fp16 needs GPUs"),
     ({"stages": {"sft": {"batchSize": 7}}}, "spec.stages.sft.batchSize must be a multiple"),
     ({"stages": {"ppo": {"rolloutBatchSize": 9}}}, "spec.stages.ppo.rolloutBatchSize"),
+    (
+        {"stages": {"reward": {"positiveLabel": "POSITIVE"}}},
+        "spec.stages.reward.positiveLabel picks a label of a pretrained classifier",
+    ),
 ]
 
 

@@ -148,6 +148,15 @@ class RewardStage(TrainingSchedule):
         default=None,
         description="A pretrained reward model (id or path): training is skipped and PPO uses it.",
     )
+    positive_label: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Label of the pretrained classifier `model` whose logit is the reward (a name "
+        "in its config's id2label, e.g. POSITIVE). Empty: the only output of a one-label model; "
+        "of a two-label model the label named positive (any case) or LABEL_1, else label 1. "
+        "Required for three labels or more.",
+    )
 
 
 class GenerationSpec(ApiModel):
@@ -398,6 +407,14 @@ RULES: tuple[Rule, ...] = (
         message="spec.stages.reward.dataset is required to train a reward model; set it, or set "
         "spec.stages.reward.model to a pretrained reward model.",
         field_path=".stages.reward.dataset",
+    ),
+    Rule(
+        cel="!has(self.stages.reward.positiveLabel) || has(self.stages.reward.model)",
+        check=lambda s: s.stages.reward.positive_label is None or s.stages.reward.model is not None,
+        message="spec.stages.reward.positiveLabel picks a label of a pretrained classifier: set "
+        "spec.stages.reward.model too, or remove positiveLabel (a trained reward model has one "
+        "output).",
+        field_path=".stages.reward.positiveLabel",
     ),
     Rule(
         cel="!self.stages.ppo.enabled || self.stages.reward.enabled"
