@@ -8,10 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from rlhf_operator import builders
+from rlhf_operator import builders, names
 from rlhf_operator import warmpool as wp
-from rlhf_operator.api import RLHFJob
+from rlhf_operator.api import RLHFJob, RLHFJobStatus, StageStatus
 from rlhf_operator.names import LABEL_JOB
+from rlhf_operator.reconcile import (
+    ClusterObservation,
+    Observed,
+    RayJobObservation,
+    kuberay,
+    machine,
+)
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -355,3 +362,225 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         else:
             result[key] = copy.deepcopy(value)
     return result
+
+
+# --------------------------------------------------------------------------- the state machine
+
+UID = "uid-job-a"
+OTHER_UID = "uid-someone-else"
+
+
+def cluster_body(
+    name: str,
+    *,
+    owner: str | None = None,
+    state: str | None = None,
+    signature: str | None = None,
+    claimed_by: str | None = None,
+    expires: datetime | None = NOW + timedelta(minutes=5),
+    ray_state: str = "ready",
+    version: str = "11",
+) -> dict[str, Any]:
+    """A RayCluster as the API holds it: a job's own, or one in (or claimed out of) the pool."""
+    labels: dict[str, str] = {}
+    if state:
+        labels |= {wp.LABEL_STATE: state, wp.LABEL_SIGNATURE: signature or ""}
+    if claimed_by:
+        labels[wp.LABEL_CLAIMED_BY] = claimed_by
+    annotations = {}
+    if state == wp.STATE_AVAILABLE and expires is not None:
+        annotations[wp.ANNOTATION_EXPIRES_AT] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": "team-a",
+        "resourceVersion": version,
+        "labels": labels,
+        "annotations": annotations,
+    }
+    if owner:
+        meta["ownerReferences"] = [{"kind": "RLHFJob", "name": "x", "uid": owner}]
+        meta["labels"][LABEL_JOB] = "job-a" if owner == UID else "other"
+    return {"metadata": meta, "status": {"state": ray_state}}
+
+
+def observed_cluster(**kwargs: Any) -> ClusterObservation:
+    return kuberay.observe_cluster(cluster_body(**kwargs))
+
+
+def warm(name: str = "old-ray", **kwargs: Any) -> ClusterObservation:
+    """An available pool cluster with job()'s signature."""
+    return observed_cluster(
+        name=name, state=wp.STATE_AVAILABLE, signature=wp.pool_signature(job()), **kwargs
+    )
+
+
+def decide(status: RLHFJobStatus, observed: Observed, j: RLHFJob | None = None, **kw: Any):
+    return machine.reconcile(j or job(), status, observed, NOW, generation=1, **kw)
+
+
+def kinds(decision: Any) -> list[str]:
+    return [type(a).__name__ for a in decision.actions]
+
+
+def reasons(decision: Any) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def claiming(pool_cluster: ClusterObservation) -> RLHFJobStatus:
+    """The status of job() right after it decided to claim `pool_cluster`."""
+    return decide(RLHFJobStatus(), Observed(pool=(pool_cluster.pool,)), pinned_spec="{}").status
+
+
+def finished(phase: str = "Succeeded", **spec: Any) -> RLHFJobStatus:
+    status = RLHFJobStatus(phase=phase, stage="sft", completion_time="2026-05-01T11:59:00Z")
+    status.cluster.name = "job-a-ray"
+    status.stages["sft"] = StageStatus(state=phase, attempts=1, ray_job="job-a-sft-1")
+    return status
+
+
+class TestMachine:
+    def test_a_new_job_records_the_warm_cluster_then_claims_it(self) -> None:
+        pool_cluster = warm()
+        d = decide(RLHFJobStatus(), Observed(pool=(pool_cluster.pool,)), pinned_spec="{}")
+        assert kinds(d) == ["PinSpec", "ClaimCluster"]  # no CreateCluster
+        assert (d.status.cluster.name, d.status.cluster.reused) == ("old-ray", True)
+        claim = d.actions[1]
+        assert claim.name == "old-ray"
+        assert claim.patch["metadata"]["resourceVersion"] == "11"
+        assert claim.patch["metadata"]["labels"][wp.LABEL_CLAIMED_BY] == UID
+        assert names.WARM_POOL_HIT not in reasons(d)  # said once the claim holds
+
+    def test_no_matching_cluster_means_its_own_cluster_and_a_miss(self) -> None:
+        others = (
+            observed_cluster(name="x", state=wp.STATE_AVAILABLE, signature="other").pool,
+            warm("expired", expires=NOW - timedelta(seconds=1)).pool,
+            warm("sick", ray_state="failed").pool,
+        )
+        d = decide(RLHFJobStatus(), Observed(pool=others))
+        assert kinds(d) == ["CreateCluster"]
+        assert (d.status.cluster.name, d.status.cluster.reused) == ("job-a-ray", False)
+        assert names.WARM_POOL_MISS in reasons(d)
+
+    def test_a_job_that_does_not_use_pools_hears_no_miss(self) -> None:
+        j = job(**{"warmPool.keepAliveSeconds": 0})
+        d = decide(RLHFJobStatus(), Observed(), j)
+        assert names.WARM_POOL_MISS not in reasons(d)
+
+    def test_once_claimed_the_first_stage_starts_on_the_warm_cluster(self) -> None:
+        status = claiming(warm())
+        mine = observed_cluster(
+            name="old-ray", owner=UID, state=wp.STATE_CLAIMED, claimed_by=UID, signature="s"
+        )
+        d = decide(status, Observed(cluster=mine))
+        assert kinds(d) == ["CreateRayJob"]
+        assert d.actions[0].manifest["spec"]["clusterSelector"] == {
+            names.LABEL_RAY_CLUSTER: "old-ray"
+        }
+        assert names.WARM_POOL_HIT in reasons(d)
+        assert names.CLUSTER_READY not in reasons(d)
+
+    def test_a_claim_that_did_not_land_is_made_again_with_the_current_version(self) -> None:
+        status = claiming(warm(version="11"))
+        d = decide(status, Observed(cluster=warm(version="12")))
+        assert kinds(d) == ["ClaimCluster"]
+        assert d.actions[0].patch["metadata"]["resourceVersion"] == "12"
+
+    def test_a_cluster_another_job_claimed_is_given_up(self) -> None:
+        status = claiming(warm())
+        theirs = observed_cluster(
+            name="old-ray", owner=OTHER_UID, state=wp.STATE_CLAIMED, claimed_by=OTHER_UID
+        )
+        stale_pool = (warm().pool,)  # the pool index has not caught up yet
+        d = decide(status, Observed(cluster=theirs, pool=stale_pool))
+        assert kinds(d) == ["CreateCluster"]
+        assert (d.status.cluster.name, d.status.cluster.reused) == ("job-a-ray", False)
+
+    def test_a_pool_cluster_holding_the_jobs_own_name_makes_it_pick_another(self) -> None:
+        squatter = observed_cluster(name="job-a-ray", state=wp.STATE_AVAILABLE, signature="x")
+        d = decide(RLHFJobStatus(), Observed(cluster=squatter))
+        assert kinds(d) == ["CreateCluster"]
+        assert d.status.cluster.name == f"job-a-{UID[:5]}-ray"
+
+    def test_a_user_cluster_holding_the_name_is_still_a_conflict(self) -> None:
+        status = decide(RLHFJobStatus(), Observed()).status
+        foreign = observed_cluster(name="job-a-ray", owner=OTHER_UID)
+        d = decide(status, Observed(cluster=foreign))
+        assert d.status.phase == "Failed"
+        assert names.CLUSTER_CONFLICT in [c.reason for c in d.status.conditions]
+
+    @pytest.mark.parametrize(
+        ("phase", "rayjob_reason", "ray_state", "pooled"),
+        [
+            ("Succeeded", "", "ready", True),
+            ("Failed", "AppFailed", "ready", True),
+            ("Failed", "SubmissionFailed", "ready", False),
+            ("Succeeded", "", "failed", False),
+        ],
+        ids=["succeeded", "failed-own-fault", "failed-cluster-fault", "unhealthy"],
+    )
+    def test_a_finished_jobs_cluster_is_pooled_or_deleted(
+        self, phase: str, rayjob_reason: str, ray_state: str, pooled: bool
+    ) -> None:
+        ours = observed_cluster(name="job-a-ray", owner=UID, ray_state=ray_state)
+        last = RayJobObservation(
+            "job-a-sft-1",
+            job_status="SUCCEEDED" if phase == "Succeeded" else "",
+            deployment_status="Complete" if phase == "Succeeded" else "Failed",
+            reason=rayjob_reason,
+        )
+        d = decide(finished(phase), Observed(cluster=ours, rayjob=last))
+        if pooled:
+            assert kinds(d) == ["ReleaseCluster"]
+            labels = d.actions[0].patch["metadata"]["labels"]
+            assert labels[wp.LABEL_SIGNATURE] == wp.pool_signature(job())
+            assert labels[wp.LABEL_STATE] == wp.STATE_AVAILABLE
+        else:
+            assert kinds(d) == ["DeleteCluster"]
+
+    def test_no_keep_alive_deletes(self) -> None:
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        d = decide(finished(), Observed(cluster=ours), job(**{"warmPool.keepAliveSeconds": 0}))
+        assert kinds(d) == ["DeleteCluster"]
+
+    def test_a_stage_still_running_on_a_finished_jobs_cluster_delays_pooling(self) -> None:
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        stopping = RayJobObservation("job-a-sft-1", "RUNNING", "Running", deleting=True)
+        d = decide(finished("Failed"), Observed(cluster=ours, rayjob=stopping))
+        assert kinds(d) == []  # neither pooled (a stage still runs there) nor deleted: wait
+
+    def test_suspending_deletes_even_with_a_warm_pool(self) -> None:
+        j = job(runPolicy={"suspend": True})
+        status = RLHFJobStatus(phase="Running", stage="sft")
+        status.cluster.name = "job-a-ray"
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        d = decide(status, Observed(cluster=ours), j)
+        assert "DeleteCluster" in kinds(d) and "ReleaseCluster" not in kinds(d)
+
+    @pytest.mark.parametrize(
+        ("since", "expected", "waits"),
+        [
+            (timedelta(seconds=5), ["DeleteRayJob"], True),
+            (machine.STOP_GRACE, ["DeleteRayJob", "DeleteCluster"], False),
+        ],
+        ids=["within-grace", "past-grace"],
+    )
+    def test_deleting_a_running_job_stops_its_stage_before_pooling(
+        self, since: timedelta, expected: list[str], waits: bool
+    ) -> None:
+        status = RLHFJobStatus(phase="Running", stage="sft")
+        status.cluster.name = "job-a-ray"
+        status.stages["sft"] = StageStatus(state="Running", attempts=1, ray_job="job-a-sft-1")
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        running = RayJobObservation("job-a-sft-1", "RUNNING", "Running")
+        d = machine.finalize(
+            job(), status, Observed(cluster=ours, rayjob=running), NOW, NOW - since
+        )
+        assert kinds(d) == expected
+        assert bool(d.wait) is waits
+
+    def test_a_deleted_jobs_cluster_goes_to_the_pool_once_its_stage_is_gone(self) -> None:
+        status = RLHFJobStatus(phase="Running", stage="sft")
+        status.cluster.name = "job-a-ray"
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        d = machine.finalize(job(), status, Observed(cluster=ours), NOW, NOW)
+        assert kinds(d) == ["ReleaseCluster"] and d.wait is None
