@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_trainer.data import load_eval_rows
 from rlhf_trainer.jobspec import UserError
 from rlhf_trainer.models import check_model_path, policy_source, reward_source, stage_model_uri
+from rlhf_trainer.reward_model import check_positive_label
 
 if TYPE_CHECKING:
     import datasets
@@ -59,6 +60,7 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     reward_uri, reward_field = reward_source(job)
     if check_upstream or reward_field.endswith(".model"):
         check_model_path(reward_uri, reward_field)
+    check_positive_label(job)
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -123,7 +125,13 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import prompt_ids
     from rlhf_trainer.generation import decode, sample
-    from rlhf_trainer.models import last_token, load_causal_lm, load_scalar_model, load_tokenizer
+    from rlhf_trainer.models import load_causal_lm, load_tokenizer
+    from rlhf_trainer.reward_model import (
+        RewardScorer,
+        load_reward_head,
+        load_reward_tokenizer,
+        max_length,
+    )
     from rlhf_trainer.worker import StageWorker, gather_objects
 
     worker = StageWorker.start(config)
@@ -141,12 +149,13 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(sft_uri, sft_field)
+        reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
         models = {
             "sft": load_causal_lm(sft_uri, sft_field),
             "rlhf": load_causal_lm(
                 stage_model_uri(worker.job, "ppo"), "spec.stages.ppo (its model artifact)"
             ),
-            "reward": load_scalar_model(reward_uri, reward_field, tokenizer.pad_token_id),
+            "reward": load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label),
         }
     with worker.timed("deepspeed_init"):
         engines = {
@@ -156,6 +165,12 @@ def train_loop(config: dict[str, Any]) -> None:
             for name, model in models.items()
         }
     device = engines["sft"].device
+    scorer = RewardScorer(
+        engines["reward"],
+        tokenizer,
+        reward_tokenizer,
+        max_length(reward_tokenizer, models["reward"].model) if reward_tokenizer else None,
+    )
     passes = [mine[i : i + PROMPTS_PER_PASS] for i in range(0, len(mine), PROMPTS_PER_PASS)]
     worker.start_progress(len(passes))
     results: list[dict[str, Any]] = []
@@ -175,10 +190,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     synced_gpus=spec.parallelism.zero_stage == 3,
                     device=device,
                 )
-                mask = samples.attention_mask
-                rewards = last_token(
-                    engines["reward"](input_ids=samples.input_ids, attention_mask=mask), mask
-                )
+                rewards = scorer(samples.input_ids, samples.attention_mask)
                 outputs[policy] = (
                     [decode(tokenizer, r) for r in samples.responses],
                     rewards.tolist(),

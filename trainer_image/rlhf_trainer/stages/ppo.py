@@ -9,7 +9,10 @@ Per iteration each worker takes its share of `rolloutBatchSize` prompts and
   4. runs `ppoEpochs` passes of clipped policy and value updates over minibatches; DeepSpeed
      averages the gradients over the workers.
 The KL coefficient is fixed, or adaptive towards `targetKL` (Ziegler et al. 2019).
-Policy init and reference: the SFT model; reward model and value init: the reward model.
+Policy init and reference: the SFT model; reward model and value init: the reward model. A
+pretrained classifier that cannot start a value model (another vocabulary, an encoder, several
+labels; reward_model.py) leaves the value model to start from the SFT policy's backbone with a
+fresh scalar head.
 Writes the PPO policy to `<artifact>/model/`. Metrics: reward_mean (reward-model score of the
 iteration's rollouts), kl (per-sequence KL, summed over response tokens), policy_loss,
 value_loss, clip_fraction, kl_coef, learning_rate.
@@ -25,12 +28,14 @@ import torch
 from rlhf_trainer.data import Split, load_split
 from rlhf_trainer.jobspec import UserError
 from rlhf_trainer.models import check_model_path, policy_source, reward_source
+from rlhf_trainer.reward_model import check_positive_label
 
 if TYPE_CHECKING:
     from rlhf_operator.api import RLHFJob
     from rlhf_operator.api.spec import PPOStage
 
     from rlhf_trainer.generation import Samples
+    from rlhf_trainer.reward_model import RewardScorer
 
 FIELD = "spec.stages.ppo"
 PROMPTS_FIELD = f"{FIELD}.prompts"
@@ -53,6 +58,7 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     for uri, field in (policy_source(job), reward_source(job)):
         if check_upstream or field.startswith("spec.model") or field.endswith(".model"):
             check_model_path(uri, field)
+    check_positive_label(job)
 
 
 def token_rewards(
@@ -83,9 +89,15 @@ class Rollout:
 
 
 @torch.no_grad()
-def score(samples: Samples, engines: dict[str, Any], ppo: PPOStage, kl_coef: float) -> Rollout:
+def score(
+    samples: Samples,
+    engines: dict[str, Any],
+    reward: RewardScorer,
+    ppo: PPOStage,
+    kl_coef: float,
+) -> Rollout:
     from rlhf_trainer.losses import gae, kl_penalty, masked_sum, masked_whiten
-    from rlhf_trainer.models import last_token, token_logprobs
+    from rlhf_trainer.models import token_logprobs
 
     ids, attention = samples.input_ids, samples.attention_mask
     actions = samples.action_mask
@@ -96,7 +108,7 @@ def score(samples: Samples, engines: dict[str, Any], ppo: PPOStage, kl_coef: flo
         engines["reference"](input_ids=ids, attention_mask=attention).logits, ids
     )
     values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
-    scores = last_token(engines["reward"](input_ids=ids, attention_mask=attention), attention)
+    scores = reward(ids, attention)
     kl = kl_penalty(logprobs, reference, "k1")
     rewards = token_rewards(scores, kl, actions, kl_coef)
     advantages, returns = gae(rewards, values, actions, ppo.gamma, ppo.lam)
@@ -158,7 +170,14 @@ def train_loop(config: dict[str, Any]) -> None:
         load_scalar_model,
         load_tokenizer,
     )
-    from rlhf_trainer.worker import StageWorker, all_mean
+    from rlhf_trainer.reward_model import (
+        RewardScorer,
+        load_reward_head,
+        load_reward_tokenizer,
+        max_length,
+        value_init_problem,
+    )
+    from rlhf_trainer.worker import StageWorker, all_mean, logger
 
     worker = StageWorker.start(config)
     spec = worker.job.spec
@@ -171,11 +190,23 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(policy_uri, policy_field)
+        reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
+        reward = load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label)
+        problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
+        value_uri, value_field = (
+            (reward_uri, reward_field) if problem is None else policy_source(worker.job)
+        )
+        if problem is not None and worker.is_main:
+            logger.warning(
+                "ppo: the value model starts from %s with a fresh scalar head: %s",
+                value_field,
+                problem,
+            )
         models = {
             "policy": load_causal_lm(policy_uri, policy_field),
-            "value": load_scalar_model(reward_uri, reward_field, tokenizer.pad_token_id),
+            "value": load_scalar_model(value_uri, value_field, tokenizer.pad_token_id),
             "reference": load_causal_lm(policy_uri, policy_field),
-            "reward": load_scalar_model(reward_uri, reward_field, tokenizer.pad_token_id),
+            "reward": reward,
         }
         disable_dropout(models["policy"])
         disable_dropout(models["value"])
@@ -198,6 +229,12 @@ def train_loop(config: dict[str, Any]) -> None:
             for name, model in models.items()
         }
     device = engines["policy"].device
+    scorer = RewardScorer(
+        engines["reward"],
+        tokenizer,
+        reward_tokenizer,
+        max_length(reward_tokenizer, reward.model) if reward_tokenizer is not None else None,
+    )
     if ppo.target_kl is not None:
         kl_control = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
     else:
@@ -224,7 +261,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     synced_gpus=synced,
                     device=device,
                 )
-                rollout = score(samples, engines, ppo, kl_control.value)
+                rollout = score(samples, engines, scorer, ppo, kl_control.value)
             with worker.timed("update"):
                 policy_loss, value_loss, clip_fraction = update(rollout, engines, ppo, mini_batch)
             reward_mean, kl, policy_loss, value_loss, clip_fraction = all_mean(
