@@ -457,6 +457,22 @@ async def create_job(api: RLHFEmulator, manifest: Mapping[str, Any]) -> dict[str
         return await resp.json()
 
 
+async def create_jobs_while_down(
+    api: RLHFEmulator, operator: OperatorRunner, *manifests: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Create RLHFJobs while the operator is stopped, then start it.
+
+    kopf fills every index (e.g. the warm pool) before it runs any handler, so the jobs' first
+    reconcile sees all the API holds. A job created while the operator runs can be reconciled
+    a moment before the watch has brought a just-released cluster: real, harmless (the job
+    makes its own), but a test that asserts reuse must not depend on that timing.
+    """
+    await operator.stop()
+    created = [await create_job(api, manifest) for manifest in manifests]
+    await operator.start()
+    return created
+
+
 async def patch_job(api: RLHFEmulator, namespace: str, name: str, patch: dict) -> dict[str, Any]:
     """`kubectl patch --type merge` an RLHFJob."""
     async with api.patch(job_url(namespace, name), json=patch, headers=MERGE_PATCH) as resp:
