@@ -28,6 +28,7 @@ from kube_sim import (
     RLHFEmulator,
     SimulatedKubeRay,
     create_job,
+    create_jobs_while_down,
     eventually,
     sample_job,
     stage_of,
@@ -142,18 +143,28 @@ async def kill_at(operator: OperatorRunner, wire: Tripwire) -> None:
     await operator.start()
 
 
-def no_leaks(api: RLHFEmulator) -> None:
-    """Every RayCluster is either owned by one unfinished job or waits in the pool."""
+def leaks(api: RLHFEmulator) -> list[str]:
+    """RayClusters neither owned by exactly one unfinished job nor waiting in the pool."""
+    found = []
     for cluster in api.live(RAYCLUSTERS):
         meta = cluster["metadata"]
         owners = meta.get("ownerReferences") or []
         state = (meta.get("labels") or {}).get(wp.LABEL_STATE)
-        if state == wp.STATE_AVAILABLE:
-            assert not owners, meta
+        if state == wp.STATE_AVAILABLE and not owners:
             continue
-        assert len(owners) == 1, meta
-        owner = status(api, owners[0]["name"])
-        assert owner.get("phase") not in ("Succeeded", "Failed"), (meta["name"], owner)
+        if len(owners) != 1:
+            found.append(f"{meta['name']}: owners {owners}")
+        elif status(api, owners[0]["name"]).get("phase") in ("Succeeded", "Failed"):
+            found.append(f"{meta['name']}: held by the finished job {owners[0]['name']}")
+    return found
+
+
+async def no_leaks(api: RLHFEmulator) -> None:
+    """Once the operator has settled, every cluster is a running job's or the pool's."""
+    try:
+        await eventually(lambda: not leaks(api), timeout=10)
+    except AssertionError:
+        raise AssertionError(f"leaked clusters: {leaks(api)}") from None
 
 
 # --------------------------------------------------------------------------- reference
@@ -263,7 +274,7 @@ async def test_killed_while_claiming_a_pool_cluster(
 ) -> None:
     await _pooled_cluster_of(api, "donor")
     wire = api.tripwire(relabels(RAYCLUSTERS, "donor-ray", wp.STATE_CLAIMED), landed=landed)
-    await create_job(api, sample_job("heir", warmPool=KEEP))
+    await create_jobs_while_down(api, operator, sample_job("heir", warmPool=KEEP))
     await kill_at(operator, wire)
     await eventually(lambda: status(api, "heir").get("phase") == "Succeeded", timeout=30)
     await eventually(
@@ -278,7 +289,7 @@ async def test_killed_while_claiming_a_pool_cluster(
 
     assert outcome(api, "heir") == uninterrupted("heir", "donor-ray", reused=True)
     assert ever_existed(api, RAYCLUSTERS) == ["donor-ray"]
-    no_leaks(api)
+    await no_leaks(api)
 
 
 async def test_killed_while_two_jobs_claim_the_same_pool_cluster(
@@ -288,8 +299,9 @@ async def test_killed_while_two_jobs_claim_the_same_pool_cluster(
     claims = relabels(RAYCLUSTERS, "donor-ray", wp.STATE_CLAIMED)
     api.gate(claims, count=2)  # both read the same version; one claim lands
     wire = api.tripwire(claims, landed=True)
-    await create_job(api, sample_job("ann", warmPool=KEEP))
-    await create_job(api, sample_job("bob", warmPool=KEEP))
+    await create_jobs_while_down(
+        api, operator, sample_job("ann", warmPool=KEEP), sample_job("bob", warmPool=KEEP)
+    )
     await kill_at(operator, wire)
     for job in ("ann", "bob"):
         await eventually(lambda job=job: status(api, job).get("phase") == "Succeeded", timeout=30)
@@ -299,7 +311,7 @@ async def test_killed_while_two_jobs_claim_the_same_pool_cluster(
     loser = next(job for job, r in reused.items() if not r)
     assert ever_existed(api, RAYCLUSTERS) == sorted(["donor-ray", f"{loser}-ray"])
     await eventually(lambda: len(api.live(RAYCLUSTERS)) == 2, timeout=10)
-    no_leaks(api)
+    await no_leaks(api)
 
 
 @pytest.mark.parametrize("landed", [True, False], ids=["after-release", "before-release"])
@@ -319,9 +331,10 @@ async def test_killed_while_releasing_the_cluster_to_the_pool(
         timeout=15,
     )
     assert outcome(api, "last") == uninterrupted("last", "last-ray")
-    no_leaks(api)
+    await no_leaks(api)
 
-    await create_job(api, sample_job("next", warmPool=KEEP))  # and the pool serves the next one
+    # ... and the pool serves the next job.
+    await create_jobs_while_down(api, operator, sample_job("next", warmPool=KEEP))
     await eventually(lambda: status(api, "next").get("phase") == "Succeeded", timeout=30)
     assert outcome(api, "next") == uninterrupted("next", "last-ray", reused=True)
     assert ever_existed(api, RAYCLUSTERS) == ["last-ray"]

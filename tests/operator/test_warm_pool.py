@@ -22,6 +22,7 @@ from kube_sim import (
     SimulatedKubeRay,
     always,
     create_job,
+    create_jobs_while_down,
     delete_job,
     eventually,
     sample_job,
@@ -116,7 +117,7 @@ async def test_two_sequential_jobs_with_the_same_signature_share_one_cluster(
     assert wp.ANNOTATION_EXPIRES_AT in meta["annotations"]
     await eventually(lambda: names.CLUSTER_POOLED in api.reasons_for("first"))
 
-    second = await create_job(api, job("second"))
+    (second,) = await create_jobs_while_down(api, operator, job("second"))
     await eventually(phase_is(api, "second", "Succeeded"), timeout=20)
 
     assert ever_existed(api, RAYCLUSTERS) == [(NS, "first-ray")]
@@ -176,7 +177,7 @@ async def test_different_signatures_do_not_share(
     await create_job(api, job("first"))
     await finished_and_pooled(api, "first", "first-ray")
 
-    await create_job(api, job("other", namespace, **change))
+    await create_jobs_while_down(api, operator, job("other", namespace, **change))
     await eventually(phase_is(api, "other", "Succeeded", namespace), timeout=20)
 
     assert ran_on(api, "other", namespace) == ("other-ray", False)
@@ -192,7 +193,8 @@ async def test_an_explicit_pool_name_narrows_sharing(
 ) -> None:
     await create_job(api, job("team-a", warm_pool={**KEEP, "pool": "team-a"}))
     await finished_and_pooled(api, "team-a", "team-a-ray")
-    await create_job(api, job("anyone"))  # same shape, no pool name: not the team's pool
+    # Same shape, no pool name: not the team's pool.
+    await create_jobs_while_down(api, operator, job("anyone"))
     await eventually(phase_is(api, "anyone", "Succeeded"), timeout=20)
     assert ran_on(api, "anyone") == ("anyone-ray", False)
 
@@ -216,8 +218,7 @@ async def test_two_jobs_racing_for_one_pool_cluster(
         ),
         count=2,
     )
-    await create_job(api, job("left"))
-    await create_job(api, job("right"))
+    await create_jobs_while_down(api, operator, job("left"), job("right"))
     await eventually(phase_is(api, "left", "Succeeded"), timeout=20)
     await eventually(phase_is(api, "right", "Succeeded"), timeout=20)
 
@@ -242,8 +243,14 @@ async def test_an_unclaimed_pool_cluster_is_deleted_when_it_expires(
     expiries = metrics.METRICS.registry.get_sample_value("rlhf_operator_warm_pool_expiries_total")
     await create_job(api, job("brief", warm_pool={"keepAliveSeconds": 1}))
     await eventually(phase_is(api, "brief", "Succeeded"), timeout=20)
-    await eventually(pooled(api, "brief-ray"), timeout=10)
     await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    versions = [v for v in api.objects[RAYCLUSTERS, NS, "brief-ray"].history if v is not None]
+    was_pooled = [
+        v
+        for v in versions
+        if (v["metadata"].get("labels") or {}).get(wp.LABEL_STATE) == "available"
+    ]
+    assert was_pooled, "deleted without having waited in the pool"
     after = metrics.METRICS.registry.get_sample_value("rlhf_operator_warm_pool_expiries_total")
     assert after == expiries + 1
 
@@ -253,17 +260,20 @@ async def test_an_expired_cluster_is_never_claimed(
 ) -> None:
     await create_job(api, job("old"))
     await finished_and_pooled(api, "old", "old-ray")
-    await operator.stop()  # nobody sweeps: the expired cluster stays around
-    await _patch_cluster(
-        api,
-        "old-ray",
-        {"metadata": {"annotations": {wp.ANNOTATION_EXPIRES_AT: "2020-01-01T00:00:00Z"}}},
+    await operator.stop()
+    expired = {"metadata": {"annotations": {wp.ANNOTATION_EXPIRES_AT: "2020-01-01T00:00:00Z"}}}
+    await _patch_cluster(api, "old-ray", expired)
+    # Hold the sweep's delete: the expired cluster is still there when the new job decides.
+    sweep = api.tripwire(
+        lambda r: r.action == kmock.action.DELETE and r.name == "old-ray", landed=False
     )
-    await operator.start()
-    await create_job(api, job("new"))
+    await create_jobs_while_down(api, operator, job("new"))
     await eventually(phase_is(api, "new", "Succeeded"), timeout=20)
     assert ran_on(api, "new") == ("new-ray", False)
-    await eventually(lambda: cluster(api, "old-ray") == {}, timeout=10)  # swept meanwhile
+    await eventually(sweep.tripped.is_set, timeout=10)  # the sweep did try to delete it
+    assert cluster(api, "old-ray")  # still there: the new job passed it over as expired
+    sweep.release()  # the sweep's delete fails once (503); the next sweep deletes it
+    await eventually(lambda: cluster(api, "old-ray") == {}, timeout=10)
 
 
 # --------------------------------------------------------------------------- failures
@@ -322,7 +332,7 @@ async def test_deleting_a_running_job_releases_its_cluster_to_the_pool(
     assert pooled(api, "doomed-ray")()
 
     kuberay.plan = always(SUCCEED)
-    await create_job(api, job("retry"))
+    await create_jobs_while_down(api, operator, job("retry"))
     await eventually(phase_is(api, "retry", "Succeeded"), timeout=20)
     assert ran_on(api, "retry") == ("doomed-ray", True)
     assert ever_existed(api, RAYCLUSTERS) == [(NS, "doomed-ray")]
