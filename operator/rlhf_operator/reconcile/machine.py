@@ -299,6 +299,7 @@ def _reclaim(d: _Draft, cluster: ClusterObservation | None) -> None:
     if (
         cluster is not None
         and pool is not None
+        and d.uid
         and not cluster.deleting
         and pool.claimable(warmpool.pool_signature(d.job), d.now)
     ):
