@@ -48,6 +48,7 @@ from pydantic import BaseModel
 from rlhf_operator import names
 from rlhf_operator.api.spec import STAGE_ORDER
 from rlhf_operator.api.status import TERMINAL_PHASES, Phase, is_terminal
+from rlhf_operator.api.timestamps import parse_time
 
 DEFAULT_METRICS_PORT = 9090
 """Port of the operator's /metrics endpoint (`rlhf-operator --metrics-port`; 0 disables it)."""
@@ -176,9 +177,9 @@ class OperatorMetrics:
 
         had_rayjob = any((s or {}).get("rayJob") for s in old_stages.values())
         first = [s for s in new_stages.values() if (s or {}).get("rayJob")]
-        created = _parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if first and not had_rayjob and created is not None:
-            started = min((_parse_time(s.get("startTime")) or now) for s in first)
+            started = min((parse_time(s.get("startTime")) or now) for s in first)
             self.apply_to_first_rayjob.observe(max((started - created).total_seconds(), 0.0))
 
     def _observe_stage(
@@ -189,8 +190,8 @@ class OperatorMetrics:
             self.stage_retries.labels(stage).inc(retries)
         state = new.get("state")
         if state in FINISHED_STAGE_STATES and old.get("state") != state:
-            start = _parse_time(new.get("startTime"))
-            end = _parse_time(new.get("completionTime")) or now
+            start = parse_time(new.get("startTime"))
+            end = parse_time(new.get("completionTime")) or now
             if start is not None:
                 self.stage_duration.labels(stage, state).observe(
                     max((end - start).total_seconds(), 0.0)
@@ -275,17 +276,6 @@ def _wire(obj: Mapping[str, Any] | BaseModel | None) -> Mapping[str, Any]:
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json", by_alias=True, exclude_none=True)
     return obj
-
-
-def _parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 timestamp as written by Kubernetes ("2024-05-01T12:00:00Z"), or None."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # ---------------------------------------------------------------------- the operator's instance

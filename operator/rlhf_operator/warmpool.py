@@ -38,6 +38,7 @@ from typing import Any
 
 from rlhf_operator import builders
 from rlhf_operator.api import GROUP, RLHFJob
+from rlhf_operator.api.timestamps import format_time, parse_time
 from rlhf_operator.names import LABEL_JOB
 
 LABEL_SIGNATURE = f"{GROUP}/pool-signature"
@@ -149,22 +150,12 @@ def observe(body: Mapping[str, Any]) -> PoolCluster:
         signature=labels.get(LABEL_SIGNATURE),
         state=labels.get(LABEL_STATE),
         claimed_by=labels.get(LABEL_CLAIMED_BY),
-        expires_at=_parse_time(annotations.get(ANNOTATION_EXPIRES_AT)),
+        expires_at=parse_time(annotations.get(ANNOTATION_EXPIRES_AT)),
         released_by=annotations.get(ANNOTATION_RELEASED_BY),
         healthy=is_healthy(body),
         owned=bool(meta.get("ownerReferences")),
         deleting=bool(meta.get("deletionTimestamp")),
     )
-
-
-def _parse_time(raw: str | None) -> datetime | None:
-    if not raw:
-        return None
-    try:
-        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def is_healthy(body: Mapping[str, Any]) -> bool:
@@ -252,7 +243,7 @@ def release_patch(
                 LABEL_STATE: STATE_AVAILABLE,
             },
             "annotations": {
-                ANNOTATION_EXPIRES_AT: deadline.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                ANNOTATION_EXPIRES_AT: format_time(deadline),
                 ANNOTATION_RELEASED_BY: f"{job_meta.get('namespace', '')}/{job_meta['name']}",
             },
         }

@@ -12,19 +12,9 @@ from typing import Any
 
 from rlhf_operator import names
 from rlhf_operator.api.spec import STAGE_ORDER
+from rlhf_operator.api.timestamps import parse_time
 
 Obj = Mapping[str, Any]
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 timestamp ("2025-03-01T12:00:00Z") or None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def seconds_between(start: Any, end: Any, now: datetime) -> float | None:

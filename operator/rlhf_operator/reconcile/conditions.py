@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from rlhf_operator.api.status import Condition, ConditionStatus, RLHFJobStatus
+from rlhf_operator.api.timestamps import format_time as timestamp
+from rlhf_operator.api.timestamps import parse_time
 
-
-def timestamp(now: datetime) -> str:
-    """RFC 3339 in UTC, seconds precision (what the API server writes)."""
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+__all__ = ["get_condition", "parse_time", "set_condition", "status_patch", "timestamp"]
 
 
 def get_condition(status: RLHFJobStatus, type_: str) -> Condition | None:
