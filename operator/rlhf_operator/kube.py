@@ -231,30 +231,43 @@ def delete_rayjob(namespace: str, name: str) -> None:
 # --------------------------------------------------------------------------- RLHFJobs
 
 
+def _unchanged_since(resource_version: str | None) -> dict[str, Any]:
+    """The merge-patch part that makes a write conditional: 409 if the object changed since."""
+    return {"resourceVersion": resource_version} if resource_version else {}
+
+
 @api_call(GROUP, f"{PLURAL}/status", "patch")
-def patch_job_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge-patch of the status subresource (only the fields that changed)."""
+def patch_job_status(
+    namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+) -> dict[str, Any]:
+    """JSON merge-patch of the status subresource (only the fields that changed).
+
+    `resource_version`: the version the patch was computed from; the API server then refuses
+    the write (409) if the job changed since, instead of merging a diff onto another status.
+    Returns the job as stored.
+    """
+    body: dict[str, Any] = {"status": patch}
+    if resource_version:
+        body["metadata"] = _unchanged_since(resource_version)
     return _custom().patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {"status": patch},
-        _request_timeout=REQUEST_TIMEOUT,
+        GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
     )
 
 
 @api_call(GROUP, PLURAL, "patch")
-def annotate_job(namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any]:
-    """Merge-patch annotations of an RLHFJob (the pinned spec)."""
+def annotate_job(
+    namespace: str, name: str, annotations: dict[str, str], resource_version: str | None = None
+) -> dict[str, Any]:
+    """Merge-patch annotations of an RLHFJob (the pinned spec); conditional as
+    `patch_job_status`. Returns the job as stored."""
+    metadata = {"annotations": annotations, **_unchanged_since(resource_version)}
     return _custom().patch_namespaced_custom_object(
         GROUP,
         VERSION,
         namespace,
         PLURAL,
         name,
-        {"metadata": {"annotations": annotations}},
+        {"metadata": metadata},
         _request_timeout=REQUEST_TIMEOUT,
     )
 

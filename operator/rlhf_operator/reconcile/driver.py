@@ -5,6 +5,14 @@ argument: the pinned spec and the new status (with the names of the children abo
 are written first, and only then are children created; children are created "if absent", so
 repeating any step after a crash is harmless. All API calls go through `rlhf_operator.kube`;
 Events go through the `post` callable (kopf's event poster in production).
+
+Stale reads: kopf hands the timer the job as its watch last saw it, which can lag behind the
+operator's own last write. A decision made on such a copy must not land: the status patch is a
+diff against the status that was read, so merged onto a newer one it could leave a mix of both
+(e.g. our own new cluster marked `reused`), and its transition (events, metrics, children)
+was already made by the write the copy does not show yet. So the writes carry the job's
+resourceVersion as a precondition; a 409 means "decided on an old copy": nothing is done, and
+the next tick decides again on the current job.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ Index = Mapping[tuple[str | None, str | None], Iterable[Any]]
 warm-pool index is keyed by (namespace, pool signature) instead)."""
 
 PINNED_FIELDS = ("stages", "cluster")
+
+
+class StaleJob(Exception):
+    """The job changed since the copy a decision was made on was read (a write got 409)."""
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,33 +150,31 @@ def reconcile_job(
     post: PostEvent,
     now: datetime | None = None,
     pool: Index | None = None,
-) -> Decision:
-    """One reconcile of one RLHFJob (the kopf timer calls this).
+) -> Decision | None:
+    """One reconcile of one RLHFJob (the kopf timer calls this); the decision carried out, or
+    None when `body` was a stale copy of the job (nothing done: the next tick decides again).
 
     A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
     now = now or datetime.now(UTC)
-    status, decision = decide(body, clusters, rayjobs, now, pool)
-    claimed = apply(body, status, decision, post, now)
-    if claimed is None:
+    try:
+        status, decision = decide(body, clusters, rayjobs, now, pool)
+        body, claimed = apply(body, status, decision, post, now)
+        if claimed is None:
+            return decision
+        clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
+        status, decision = decide(body, clusters, rayjobs, now, pool)
+        apply(body, status, decision, post, now)
         return decision
-    body = _as_written(body, decision)
-    clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
-    status, decision = decide(body, clusters, rayjobs, now, pool)
-    apply(body, status, decision, post, now)
-    return decision
-
-
-def _as_written(body: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
-    """The job as the API now holds it after `decision` was applied (status, pinned spec)."""
-    meta = dict(body.get("metadata") or {})
-    for action in decision.actions:
-        if isinstance(action, PinSpec):
-            annotations = {**(meta.get("annotations") or {})}
-            annotations[names.ANNOTATION_PINNED_SPEC] = action.pinned
-            meta["annotations"] = annotations
-    return {**body, "metadata": meta, "status": decision.status.to_wire()}
+    except StaleJob:
+        meta = body.get("metadata") or {}
+        logger.info(
+            "RLHFJob %s/%s changed since it was read; deciding again on the next tick",
+            meta.get("namespace"),
+            meta.get("name"),
+        )
+        return None
 
 
 def apply(
@@ -173,17 +183,20 @@ def apply(
     decision: Decision,
     post: PostEvent,
     now: datetime,
-) -> ClusterObservation | None:
+) -> tuple[Mapping[str, Any], ClusterObservation | None]:
     """Carry out a decision: pin, write status, act, announce — in that order.
 
-    Returns the warm cluster this decision claimed, as the API answered (None: no claim).
+    Returns the job as the API now holds it (the answer to the last write of it, else `body`)
+    and the warm cluster this decision claimed, as the API answered (None: no claim).
+    Raises `StaleJob`, having done nothing, when `body` is older than the stored job.
     """
     meta = body["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
     for action in decision.actions:
         if isinstance(action, PinSpec):
-            kube.annotate_job(namespace, name, {names.ANNOTATION_PINNED_SPEC: action.pinned})
-    write_status(namespace, name, status, decision.status, body)
+            pin = {names.ANNOTATION_PINNED_SPEC: action.pinned}
+            body = _unless_stale(kube.annotate_job, namespace, name, pin, _version(body))
+    body = write_status(namespace, name, status, decision.status, body) or body
     claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
@@ -202,12 +215,12 @@ def apply(
                 now,
                 meta.get("generation"),
             )
-            write_status(namespace, name, decision.status, refused.status, body)
+            body = write_status(namespace, name, decision.status, refused.status, body) or body
             decision.events.extend(refused.events)
             break
     for event in decision.events:
         post(body, event)
-    return claimed
+    return body, claimed
 
 
 def write_status(
@@ -216,16 +229,33 @@ def write_status(
     old: RLHFJobStatus,
     new: RLHFJobStatus,
     body: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The one place the operator writes RLHFJob status: only what changed, if anything did.
+) -> Mapping[str, Any] | None:
+    """The one place the operator writes RLHFJob status: only what changed, if anything did,
+    and only onto the job `body` it was read from (`StaleJob` otherwise).
 
     Every write (and every unchanged tick) feeds the Prometheus metrics, derived from old -> new.
+    Returns the job as stored after the write (None: nothing to write).
     """
     patch = status_patch(old, new)
+    written = None
     if patch:
-        kube.patch_job_status(namespace, name, patch)
+        written = _unless_stale(kube.patch_job_status, namespace, name, patch, _version(body))
     metrics.observe_transition(old, new, body)
-    return patch
+    return written
+
+
+def _version(body: Mapping[str, Any]) -> str | None:
+    return (body.get("metadata") or {}).get("resourceVersion")
+
+
+def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """A conditional write of the job; its 409 (the job changed since it was read) is StaleJob."""
+    try:
+        return write(*args)
+    except ApiException as exc:
+        if exc.status == 409:
+            raise StaleJob(str(exc.reason)) from exc
+        raise
 
 
 def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None:
