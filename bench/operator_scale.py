@@ -17,28 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import kmock
 import psutil
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "operator"))
-
-from kube_sim import (  # noqa: E402
+from emulated_operator import emulated_operator  # first: puts tests/operator on sys.path
+from kube_sim import (
     RAYCLUSTERS,
     RAYJOBS,
     RLHFEmulator,
     SimulatedKubeRay,
     create_job,
     sample_job,
-    write_kubeconfig,
 )
 
 TARGET_ALL_CLUSTERS_S = 30.0
@@ -72,20 +62,8 @@ def _first_seen(api: RLHFEmulator, resource: str, seen: dict[str, float], key) -
 
 
 async def run(jobs: int, interval: float | None, timeout: float) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    async with RLHFEmulator(request_history=16) as api, kmock.Server(api) as server:
-        kubeconfig = write_kubeconfig(str(server.url).rstrip("/"), workdir / "kubeconfig")
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        if interval is not None:
-            env["RLHF_RECONCILE_INTERVAL"] = str(interval)
-        log = (workdir / "operator.log").open("w")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_operator", "--liveness", ""],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    async with emulated_operator(interval) as emulated:
+        api, operator = emulated.api, emulated.process
         stop, peak = asyncio.Event(), [0.0]
         sampler = asyncio.create_task(_sample_rss(psutil.Process(operator.pid), peak, stop))
         try:
@@ -125,12 +103,6 @@ async def run(jobs: int, interval: float | None, timeout: float) -> int:
         finally:
             stop.set()
             await sampler
-            operator.terminate()
-            try:
-                await asyncio.to_thread(operator.wait, 30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-            log.close()
 
     all_clusters = max(clusters.values()) - start if len(clusters) == jobs else float("nan")
     latencies = [rayjobs[n] - created[n] for n in names if n in rayjobs]
@@ -146,7 +118,7 @@ async def run(jobs: int, interval: float | None, timeout: float) -> int:
             f"p99 {_percentile(latencies, 0.99):.2f} s ({len(latencies)}/{jobs} jobs)"
         )
     print(f"  operator peak RSS       {peak[0]:6.0f} MB    target: < {TARGET_RSS_MB:.0f} MB")
-    print(f"  operator log            {workdir / 'operator.log'}")
+    print(f"  operator log            {emulated.log}")
     return 0
 
 

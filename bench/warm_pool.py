@@ -21,21 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import kmock
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "operator"))
-
-from kube_sim import (  # noqa: E402
+from emulated_operator import emulated_operator  # first: puts tests/operator on sys.path
+from kube_sim import (
     JOBS,
     RAYCLUSTERS,
     RAYJOBS,
@@ -43,9 +35,8 @@ from kube_sim import (  # noqa: E402
     SimulatedKubeRay,
     create_job,
     sample_job,
-    write_kubeconfig,
 )
-from rlhf_operator import warmpool  # noqa: E402
+from rlhf_operator import warmpool
 
 TARGET_WARM_CLUSTERS = 1
 TARGET_WARM_FIRST_RAYJOB_S = 2.0
@@ -117,41 +108,21 @@ def clusters_created(api: RLHFEmulator, namespace: str) -> int:
 
 
 async def run(jobs: int, provision: float, interval: float | None, timeout: float) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="rlhf-bench-warm-"))
-    async with RLHFEmulator(request_history=16) as api, kmock.Server(api) as server:
-        kubeconfig = write_kubeconfig(str(server.url).rstrip("/"), workdir / "kubeconfig")
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        if interval is not None:
-            env["RLHF_RECONCILE_INTERVAL"] = str(interval)
-        log = (workdir / "operator.log").open("w")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_operator", "--liveness", "", "--metrics-port", "0"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            ready_after = max(1, round(provision / TICK_S))
-            async with SimulatedKubeRay(api, tick=TICK_S, ready_after=ready_after):
-                await asyncio.sleep(3)  # let the operator start and list (empty) resources
-                started = time.monotonic()
-                cold, warm = await asyncio.gather(
-                    sequence(api, COLD, jobs, 0, timeout),
-                    sequence(api, WARM, jobs, KEEP_ALIVE_S, timeout),
-                )
-                wall = time.monotonic() - started
-        finally:
-            operator.terminate()
-            try:
-                await asyncio.to_thread(operator.wait, 30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-            log.close()
+    async with emulated_operator(interval) as emulated:
+        api = emulated.api
+        ready_after = max(1, round(provision / TICK_S))
+        async with SimulatedKubeRay(api, tick=TICK_S, ready_after=ready_after):
+            await asyncio.sleep(3)  # let the operator start and list (empty) resources
+            started = time.monotonic()
+            cold, warm = await asyncio.gather(
+                sequence(api, COLD, jobs, 0, timeout),
+                sequence(api, WARM, jobs, KEEP_ALIVE_S, timeout),
+            )
+            wall = time.monotonic() - started
         made = {COLD: clusters_created(api, COLD), WARM: clusters_created(api, WARM)}
 
     report(jobs, provision, interval, cold, warm, made, wall)
-    print(f"  operator log            {workdir / 'operator.log'}")
+    print(f"  operator log            {emulated.log}")
     return 0
 
 
