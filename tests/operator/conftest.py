@@ -44,8 +44,14 @@ async def kuberay(api: RLHFEmulator) -> AsyncIterator[SimulatedKubeRay]:
 
 @pytest.fixture()
 async def operator(api: RLHFEmulator, kuberay: SimulatedKubeRay) -> AsyncIterator[OperatorRunner]:
-    """The real operator, running until the test ends (`await operator.stop()/start()` restarts)."""
+    """The real operator, running until the test ends (`await operator.stop()/start()` restarts).
+
+    Teardown stops it completely (see `OperatorRunner`), after letting go of any request the
+    test still held (a tripwire or gate of a failed test): a handler thread blocked on one
+    would otherwise hold the stop.
+    """
     runner = OperatorRunner()
     await runner.start()
     yield runner
+    api.release_all()
     await runner.stop()

@@ -24,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import os
 import random
 import string
 import threading
+import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -341,10 +344,21 @@ class OperatorRunner:
     Its own loop, not the test's: on stop, kopf cancels every task of its loop that it did not
     find at start, which would include the emulator's connection handlers. `stop()` + `start()`
     is an operator restart: nothing survives but what is stored in the API.
+
+    `stop()` and `kill()` return only once the operator is gone entirely: its thread, its event
+    loop's tasks, kopf's handler threads and the loop's executor threads (all named after the
+    runner, and checked). An operator left running past its test would go on reconciling, or
+    raising (kopf's LoginError once its emulator is gone), inside the next test.
     """
+
+    STOP_TIMEOUT = 60.0
+    """Seconds a stop may take before it is forced (a loaded CI box is slow, never this slow)."""
+
+    _instances = itertools.count(1)
 
     def __init__(self, namespaces: tuple[str, ...] = ()) -> None:
         self.namespaces = namespaces
+        self.name = f"operator-{next(self._instances)}"
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -355,10 +369,21 @@ class OperatorRunner:
         import kopf
         import rlhf_operator.handlers  # noqa: F401  (registers with kopf's default registry)
 
+        settings = kopf.OperatorSettings()
+        # kopf runs sync handlers (the reconcile) in this pool; named, so stop() can check it.
+        workers = ThreadPoolExecutor(thread_name_prefix=f"{self.name}-handler")
+        settings.execution.executor = workers
+
         async def main() -> None:
             self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+            # asyncio.to_thread (the pool sweep) and kopf's stop-flag waiter use this one;
+            # asyncio.run joins it on exit.
+            self._loop.set_default_executor(
+                ThreadPoolExecutor(thread_name_prefix=f"{self.name}-io")
+            )
             await kopf.operator(
                 registry=kopf.get_default_registry(),
+                settings=settings,
                 clusterwide=not self.namespaces,
                 namespaces=self.namespaces,
                 standalone=True,
@@ -371,23 +396,36 @@ class OperatorRunner:
             asyncio.run(main())
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
+        finally:
+            # kopf awaits every handler thread it started, so these are idle: end them.
+            workers.shutdown(wait=True, cancel_futures=True)
 
     async def start(self) -> None:
         ready = threading.Event()
         self._stop = threading.Event()
         self.error = None
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="operator")
+        self._loop = self._main = None
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=self.name)
         self._thread.start()
-        if not await asyncio.to_thread(ready.wait, 30):
-            raise TimeoutError(f"the operator did not start: {self.error!r}")
+        if not await asyncio.to_thread(self._wait_ready, ready, self.STOP_TIMEOUT):
+            error = self.error
+            await self.stop(raise_error=False)  # never leave a half-started operator behind
+            raise TimeoutError(f"the operator did not start: {error!r}")
 
-    async def stop(self) -> None:
+    def _wait_ready(self, ready: threading.Event, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self._thread is None or not self._thread.is_alive() or time.monotonic() > deadline:
+                return False
+        return True
+
+    async def stop(self, *, raise_error: bool = True) -> None:
+        """Stop the operator as SIGTERM would (kopf finishes what it is doing), completely."""
         if self._thread is None:
             return
         self._stop.set()
-        await asyncio.to_thread(self._thread.join, 30)
-        self._thread = None
-        if self.error is not None:
+        await self._join()
+        if self.error is not None and raise_error:
             raise self.error
 
     async def kill(self, then: Callable[[], None] = lambda: None) -> None:
@@ -396,16 +434,46 @@ class OperatorRunner:
         which a killed process loses anyway). `then()` runs as the kill is sent: e.g. release
         a request the emulator holds, which a (sync) handler thread waits on and kopf cannot
         cancel; that thread then fails on its answer (503) and writes nothing more."""
-        if self._thread is None or self._loop is None or self._main is None:
+        if self._thread is None:
             return
-        self._loop.call_soon_threadsafe(self._main.cancel)
+        self._cancel()
         then()
-        while not self._main.done():
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        while self._main is not None and not self._main.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._stop.set()  # only wakes kopf's stop-flag waiter thread, which would block the exit
-        await asyncio.to_thread(self._thread.join, 30)
-        self._thread = None
+        await self._join()
         self.error = None  # the cancellation was the point
+
+    def _cancel(self) -> None:
+        """Cancel the operator's main task, from any thread."""
+        if self._loop is not None and self._main is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: already over
+                self._loop.call_soon_threadsafe(self._main.cancel)
+
+    async def _join(self) -> None:
+        """Wait until the operator's thread ended (forcing it after STOP_TIMEOUT) and none of
+        its threads is left; else fail loudly here rather than in a later test."""
+        thread = self._thread
+        assert thread is not None
+        await asyncio.to_thread(thread.join, self.STOP_TIMEOUT)
+        if thread.is_alive():
+            logging.getLogger(__name__).warning("%s did not stop in time: cancelling it", self.name)
+            self._cancel()
+            self._stop.set()
+            await asyncio.to_thread(thread.join, self.STOP_TIMEOUT)
+        leftovers = self.threads()
+        if leftovers:
+            raise RuntimeError(f"{self.name} left threads running: {leftovers}")
+        self._thread = None
+
+    def threads(self) -> list[str]:
+        """This operator's live threads: its own, kopf's handler threads, its loop's executor."""
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t.name == self.name or t.name.startswith(f"{self.name}-")
+        ]
 
     async def __aenter__(self) -> OperatorRunner:
         await self.start()

@@ -250,6 +250,23 @@ async def test_killed_mid_stage_while_the_stage_finishes_and_the_next_one_is_due
     assert ever_existed(api, RAYJOBS) == sorted(f"midway-{s}-1" for s in STAGES)
 
 
+async def test_a_killed_or_stopped_operator_leaves_nothing_running(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    # Killed while a handler thread waits on a held request (kopf cannot cancel a thread).
+    wire = api.tripwire(creates(RAYJOBS), landed=True)
+    await create_job(api, sample_job("brief"))
+    await eventually(wire.tripped.is_set, timeout=60)
+    assert operator.threads()
+    await operator.kill(then=wire.release)
+    assert operator.threads() == []
+    # Stopped after a run: nothing of it keeps reconciling (or failing) into the next test.
+    await operator.start()
+    await eventually(lambda: status(api, "brief").get("phase") == "Succeeded", timeout=60)
+    await operator.stop()
+    assert operator.threads() == []
+
+
 # --------------------------------------------------------------------------- warm pools
 
 
