@@ -2,7 +2,7 @@
 rollout speed, and peak memory per worker at ZeRO 0 vs ZeRO 3.
 
     python bench/trainer_throughput.py [--steps 40] [--batch-size 16] [--ppo-steps 4]
-                                       [--skip-trl] [--skip-ppo] [--skip-memory]
+                                       [--skip-trl] [--skip-ppo] [--skip-memory] [--only-memory]
 
 One run, one machine, the same tiny model (examples/tiny, made by examples/make_tiny.py), the
 same data, batch size and number of optimizer steps for both sides; one worker with one CPU
@@ -19,7 +19,10 @@ Figures, not verdicts: it prints each figure beside its target and never fails o
   evaluation before and after, save) vs. building the TRL trainer + train + save.
 - memory: peak RSS of each Ray Train worker process (sampled every 50 ms with psutil) for SFT
   of a bigger random GPT-2 (so model states are not lost in the ~0.5 GiB of torch + Ray per
-  process), 2 workers, ZeRO 0 vs 3.
+  process), 2 workers, ZeRO 0 vs 3. RSS also counts heap that glibc keeps after frees, and
+  ZeRO-3's per-module gather/scatter buffers fragment it (RSS creeps up step after step); run
+  with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 in the environment (Ray's workers
+  inherit it) to see the memory the tensors really hold.
 """
 
 from __future__ import annotations
@@ -356,6 +359,11 @@ def memory_section(manifest: dict[str, Any], workdir: Path, args: argparse.Names
             f"  ZeRO 3 saves {z0 - z3:,.0f} MiB per worker   (target: about half the model "
             f"states, ~{states / 2:,.0f} MiB, with 2 workers)"
         )
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        lines.append(
+            "  (RSS includes heap glibc keeps after frees; MALLOC_MMAP_THRESHOLD_=65536 "
+            "MALLOC_TRIM_THRESHOLD_=0 shows live memory: see the docstring)"
+        )
     return lines
 
 
@@ -371,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ppo", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true", help="the memory section alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -386,34 +395,35 @@ def main(argv: list[str] | None = None) -> int:
     stages, seed = manifest["spec"]["stages"], manifest["spec"]["seed"]
     lines: list[str] = []
     try:
-        # Best of `repeats` for both sides, interleaved (TRL, then ours, per round) so that both
-        # see the same weather on a shared machine; the best run is the least disturbed one.
-        trl: dict[str, list[dict[str, float]]] = {"sft": [], "reward": []}
-        ours: dict[str, list[tuple[Any, dict[int, int]]]] = {"sft": [], "reward": []}
-        for i in range(args.repeats):
-            for name, runner in (("sft", trl_sft), ("reward", trl_reward)):
-                if not args.skip_trl:
-                    out = workdir / f"trl-{name}-{i}"
-                    trl[name].append(runner(TINY, steps, batch, stages[name], seed, out))
-                ours[name].append(run_ours(job, name))
+        if not args.only_memory:
+            # Best of `repeats` for both sides, interleaved (TRL, then ours, per round) so that both
+            # see the same weather on a shared machine; the best run is the least disturbed one.
+            trl: dict[str, list[dict[str, float]]] = {"sft": [], "reward": []}
+            ours: dict[str, list[tuple[Any, dict[int, int]]]] = {"sft": [], "reward": []}
+            for i in range(args.repeats):
+                for name, runner in (("sft", trl_sft), ("reward", trl_reward)):
+                    if not args.skip_trl:
+                        out = workdir / f"trl-{name}-{i}"
+                        trl[name].append(runner(TINY, steps, batch, stages[name], seed, out))
+                    ours[name].append(run_ours(job, name))
 
-        lines.append(
-            f"SFT ({steps} steps x batch {batch}, {sft_tokens:.1f} tokens/example, 1 worker, "
-            f"ZeRO 0, fp32, 1 CPU thread each; best of {args.repeats})"
-        )
-        lines += supervised_section(
-            ours["sft"], trl["sft"], steps, steps * batch * sft_tokens, "loop tokens/s", "tok/s"
-        )
-        lines.append(
-            f"Reward model ({steps} steps x batch {batch} pairs, {pair_tokens:.1f} tokens/pair; "
-            f"best of {args.repeats})"
-        )
-        lines += supervised_section(
-            ours["reward"], trl["reward"], steps, steps * batch, "loop pairs/s", "pair/s"
-        )
+            lines.append(
+                f"SFT ({steps} steps x batch {batch}, {sft_tokens:.1f} tokens/example, 1 worker, "
+                f"ZeRO 0, fp32, 1 CPU thread each; best of {args.repeats})"
+            )
+            lines += supervised_section(
+                ours["sft"], trl["sft"], steps, steps * batch * sft_tokens, "loop tokens/s", "tok/s"
+            )
+            lines.append(
+                f"Reward model ({steps} steps x batch {batch} pairs, {pair_tokens:.1f} "
+                f"tokens/pair; best of {args.repeats})"
+            )
+            lines += supervised_section(
+                ours["reward"], trl["reward"], steps, steps * batch, "loop pairs/s", "pair/s"
+            )
 
-        if not args.skip_ppo:
-            lines += ppo_section(*run_ours(job, "ppo"), job.spec.stages.ppo)
+            if not args.skip_ppo:
+                lines += ppo_section(*run_ours(job, "ppo"), job.spec.stages.ppo)
         if not args.skip_memory:
             lines += memory_section(manifest, workdir, args)
     finally:

@@ -160,6 +160,32 @@ def test_deepspeed_config_follows_the_parallelism_spec() -> None:
     assert "bf16" not in replica and "fp16" not in replica
 
 
+def test_zero3_buckets_are_sized_to_the_model_as_transformers_auto_does() -> None:
+    spec = ParallelismSpec(zero_stage=3, precision="fp32")
+    for trainable in (True, False):
+        zero = ds_config(
+            spec,
+            micro_batch=1,
+            grad_accum=1,
+            world_size=2,
+            use_gpu=False,
+            trainable=trainable,
+            hidden_size=768,
+        )["zero_optimization"]
+        assert zero["reduce_bucket_size"] == 768 * 768  # not DeepSpeed's 5e8 elements
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 768 * 768)
+        assert zero["stage3_param_persistence_threshold"] == 7680
+    zero2 = ds_config(
+        ParallelismSpec(zero_stage=2),
+        micro_batch=1,
+        grad_accum=1,
+        world_size=2,
+        use_gpu=False,
+        hidden_size=768,
+    )["zero_optimization"]
+    assert zero2 == {"stage": 2}  # ZeRO-1/2 keep DeepSpeed's defaults
+
+
 def test_relative_local_paths_become_absolute_hub_ids_do_not(tmp_path, monkeypatch) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "sft.jsonl").write_text("{}\n")

@@ -4,19 +4,34 @@ Trained models get an engine with the spec's ZeRO stage, offload and precision, 
 DeepSpeedCPUAdam when optimizer states are offloaded from a GPU) and a linear warm-up/decay
 schedule that DeepSpeed steps and checkpoints. Frozen models (PPO's reference and reward model)
 get an optimizer-less engine: ZeRO-3 shards them like the trained ones, any other stage keeps a
-full replica per worker (DeepSpeed-Chat's `get_eval_ds_config` does the same).
+full replica per worker (DeepSpeed-Chat's `_init_ref`/`_init_reward` with `get_eval_ds_config`
+do the same).
+
+Each engine is planned before its model is built (`plan_engine`): under ZeRO-3 the model is then
+built inside `EnginePlan.building()`, where transformers' `from_pretrained` constructs it under
+`deepspeed.zero.Init` and loads the checkpoint into the partitions, so no worker ever holds the
+whole model (DeepSpeed-Chat's and OpenRLHF's `HfDeepSpeedConfig` before `from_pretrained`).
+
+    plan = plan_engine(spec.parallelism, use_gpu=..., world_size=..., hidden_size=..., ...)
+    model = plan.build(lambda: load_causal_lm(uri, field))
+    engine = plan.initialize(model)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from rlhf_operator.api.spec import ParallelismSpec
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 # DeepSpeed's own checkpoint tag inside each Ray Train checkpoint directory.
 CHECKPOINT_TAG = "state"
@@ -38,10 +53,14 @@ def ds_config(
     world_size: int,
     use_gpu: bool,
     trainable: bool = True,
+    hidden_size: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of one engine."""
+    """The DeepSpeed config of one engine (`hidden_size`: the model's, to size ZeRO-3's
+    buckets)."""
     zero_stage = parallelism.zero_stage if trainable else (3 if parallelism.zero_stage == 3 else 0)
     zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3 and hidden_size:
+        zero.update(zero3_buckets(hidden_size))
     if trainable and parallelism.offload in ("optimizer", "parameters"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if parallelism.offload == "parameters" and zero_stage == 3:
@@ -81,52 +100,135 @@ def linear_schedule(optimizer, total_steps: int | None, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def initialize(
-    model: torch.nn.Module,
+def zero3_buckets(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 bucket sizes scaled to the model, as transformers fills DeepSpeed's "auto" values.
+
+    DeepSpeed's defaults (reduce 5e8, prefetch 5e7 elements) suit billions of parameters; on a
+    small model the gradient bucket alone grows to the whole model's gradients before it is
+    reduced. hidden² elements per reduce, 0.9·hidden² prefetched, and parameters of fewer than
+    10·hidden elements (biases, norms) kept whole instead of sharded.
+    """
+    return {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
+@dataclass
+class EnginePlan:
+    """One model's DeepSpeed engine, decided before the model is built."""
+
+    config: dict[str, Any]
+    parallelism: ParallelismSpec
+    use_gpu: bool
+    learning_rate: float | None = None
+    """None: a frozen model (no optimizer)."""
+    weight_decay: float = 0.0
+    total_steps: int | None = None
+    warmup_steps: int = 0
+
+    @property
+    def trainable(self) -> bool:
+        return self.learning_rate is not None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config["zero_optimization"]["stage"])
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Under ZeRO-3, transformers models made in this block are partitioned over the workers
+        as they are built (`from_pretrained` under `deepspeed.zero.Init`; rank 0 reads the
+        checkpoint, each worker keeps its shard). A no-op for stages 0-2."""
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # zero.Init reads the world size from DeepSpeed's communicator, which adopts Ray Train's
+        # torch.distributed group here (deepspeed.initialize would do it later).
+        deepspeed.init_distributed()
+        # transformers keeps only a weak reference: the object must live through the block.
+        hf_config = HfDeepSpeedConfig(self.config)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_config
+
+    def build(self, load: Callable[[], M]) -> M:
+        """`load()` (a `from_pretrained`) inside `building()`."""
+        with self.building():
+            return load()
+
+    def initialize(self, model: torch.nn.Module):
+        """The DeepSpeed engine of `model` (built by `build`)."""
+        import deepspeed
+
+        if self.parallelism.gradient_checkpointing and self.trainable:
+            inner = getattr(model, "model", model)  # ScalarHeadModel wraps the HF model
+            inner.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        optimizer = scheduler = None
+        if self.trainable:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if self.use_gpu and self.parallelism.offload != "none":
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer = DeepSpeedCPUAdam(
+                    params, lr=self.learning_rate, weight_decay=self.weight_decay
+                )
+            else:
+                optimizer = torch.optim.AdamW(
+                    params, lr=self.learning_rate, weight_decay=self.weight_decay
+                )
+            scheduler = linear_schedule(optimizer, self.total_steps, self.warmup_steps)
+        else:
+            model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        if not self.trainable:
+            engine.eval()
+        return engine
+
+
+def plan_engine(
     parallelism: ParallelismSpec,
     *,
     use_gpu: bool,
     world_size: int,
+    hidden_size: int | None,
     micro_batch: int = 1,
     grad_accum: int = 1,
     learning_rate: float | None = None,
     weight_decay: float = 0.0,
     total_steps: int | None = None,
     warmup_steps: int = 0,
-):
-    """A DeepSpeed engine for `model`; trainable when `learning_rate` is given, else frozen."""
-    import deepspeed
-
-    trainable = learning_rate is not None
-    if parallelism.gradient_checkpointing and trainable:
-        inner = getattr(model, "model", model)  # ScalarHeadModel wraps the HF model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+) -> EnginePlan:
+    """The plan of one engine; trainable when `learning_rate` is given, else frozen."""
     config = ds_config(
         parallelism,
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         world_size=world_size,
         use_gpu=use_gpu,
-        trainable=trainable,
+        trainable=learning_rate is not None,
+        hidden_size=hidden_size,
     )
-    optimizer = scheduler = None
-    if trainable:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if use_gpu and parallelism.offload != "none":
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(params, lr=learning_rate, weight_decay=weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-        scheduler = linear_schedule(optimizer, total_steps, warmup_steps)
-    else:
-        model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    return EnginePlan(
+        config,
+        parallelism,
+        use_gpu,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
     )
-    if not trainable:
-        engine.eval()
-    return engine
 
 
 def gathered(engine, zero_stage: int):
@@ -137,6 +239,9 @@ def gathered(engine, zero_stage: int):
         return contextlib.nullcontext()
     import deepspeed
 
+    # Prefetching may leave parameters of the next forward in flight (after an evaluation
+    # pass); they must land and be released before everything can be gathered.
+    engine.empty_partition_cache()
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 

@@ -74,6 +74,25 @@ def load_tokenizer(uri: str, field: str, revision: str | None = None):
     return tokenizer
 
 
+def hidden_size(uri: str, field: str, revision: str | None = None) -> int | None:
+    """The model's hidden size from its config alone (ZeRO-3's buckets are sized from it before
+    the model is built); transformers' rule for DeepSpeed's "auto" values. None if it has none."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(locate(uri, field), revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _loading(field, uri, exc) from exc
+    for candidate in (config, getattr(config, "text_config", None)):
+        if candidate is None:
+            continue
+        if getattr(candidate, "hidden_size", None):
+            return int(candidate.hidden_size)
+        if getattr(candidate, "hidden_sizes", None):
+            return int(max(candidate.hidden_sizes))
+    return None
+
+
 def load_causal_lm(uri: str, field: str, revision: str | None = None):
     from transformers import AutoModelForCausalLM
 

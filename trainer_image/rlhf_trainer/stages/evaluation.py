@@ -125,7 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import prompt_ids
     from rlhf_trainer.generation import decode, sample
-    from rlhf_trainer.models import load_causal_lm, load_tokenizer
+    from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer
     from rlhf_trainer.reward_model import (
         RewardScorer,
         load_reward_head,
@@ -147,23 +147,33 @@ def train_loop(config: dict[str, Any]) -> None:
         policy_source(worker.job),
         reward_source(worker.job),
     )
+    rlhf_uri, rlhf_field = (
+        stage_model_uri(worker.job, "ppo"),
+        "spec.stages.ppo (its model artifact)",
+    )
+    loaders = {
+        "sft": (sft_uri, sft_field, lambda: load_causal_lm(sft_uri, sft_field)),
+        "rlhf": (rlhf_uri, rlhf_field, lambda: load_causal_lm(rlhf_uri, rlhf_field)),
+        "reward": (
+            reward_uri,
+            reward_field,
+            lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label),
+        ),
+    }
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(sft_uri, sft_field)
         reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
-        models = {
-            "sft": load_causal_lm(sft_uri, sft_field),
-            "rlhf": load_causal_lm(
-                stage_model_uri(worker.job, "ppo"), "spec.stages.ppo (its model artifact)"
-            ),
-            "reward": load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label),
-        }
-    with worker.timed("deepspeed_init"):
-        engines = {
-            name: ds.initialize(
-                model, spec.parallelism, use_gpu=worker.use_gpu, world_size=worker.world_size
+        plans, models = {}, {}
+        for name, (uri, field, load) in loaders.items():
+            plans[name] = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
+                spec.parallelism,
+                use_gpu=worker.use_gpu,
+                world_size=worker.world_size,
+                hidden_size=hidden_size(uri, field),
             )
-            for name, model in models.items()
-        }
+            models[name] = plans[name].build(load)
+    with worker.timed("deepspeed_init"):
+        engines = {name: plans[name].initialize(model) for name, model in models.items()}
     device = engines["sft"].device
     scorer = RewardScorer(
         engines["reward"],

@@ -159,81 +159,109 @@ def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch:
     return [total / max(passes, 1) for total in totals]
 
 
-def train_loop(config: dict[str, Any]) -> None:
+@dataclass
+class Models:
+    """PPO's four models, each built for its engine (under ZeRO-3: partitioned as built)."""
+
+    tokenizer: Any
+    """The policy's."""
+    reward_tokenizer: Any | None
+    """The reward model's own, when its vocabulary differs (reward_model.py)."""
+    plans: dict[str, Any]
+    modules: dict[str, torch.nn.Module]
+
+
+def load_models(worker: Any, mini_batch: int) -> Models:
+    """Policy and reference from the SFT model; reward model; value model from the reward model
+    when it can start one, else from the SFT model with a fresh scalar head (logged)."""
     from rlhf_trainer import engine as ds
-    from rlhf_trainer.batches import BatchPlan, prompt_ids
-    from rlhf_trainer.generation import sample
-    from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
     from rlhf_trainer.models import (
         disable_dropout,
+        hidden_size,
         load_causal_lm,
         load_scalar_model,
         load_tokenizer,
     )
     from rlhf_trainer.reward_model import (
-        RewardScorer,
         load_reward_head,
         load_reward_tokenizer,
-        max_length,
         value_init_problem,
     )
-    from rlhf_trainer.worker import StageWorker, all_mean, logger
+    from rlhf_trainer.worker import logger
+
+    spec = worker.job.spec
+    ppo = spec.stages.ppo
+    policy_uri, policy_field = policy_source(worker.job)
+    reward_uri, reward_field = reward_source(worker.job)
+
+    def plan(uri: str, field: str, learning_rate: float | None = None):
+        return ds.plan_engine(
+            spec.parallelism,
+            use_gpu=worker.use_gpu,
+            world_size=worker.world_size,
+            hidden_size=hidden_size(uri, field),
+            micro_batch=mini_batch,
+            learning_rate=learning_rate,  # None: frozen
+        )
+
+    tokenizer = load_tokenizer(policy_uri, policy_field)
+    reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
+    plans = {"reward": plan(reward_uri, reward_field)}
+    reward = plans["reward"].build(
+        lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label)
+    )
+    problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
+    value_uri, value_field = (
+        (reward_uri, reward_field) if problem is None else policy_source(worker.job)
+    )
+    if problem is not None and worker.is_main:
+        logger.warning(
+            "ppo: the value model starts from %s with a fresh scalar head: %s", value_field, problem
+        )
+    plans["value"] = plan(value_uri, value_field, ppo.value_learning_rate or ppo.learning_rate)
+    plans["policy"] = plan(policy_uri, policy_field, ppo.learning_rate)
+    plans["reference"] = plan(policy_uri, policy_field)
+    modules = {
+        "policy": plans["policy"].build(lambda: load_causal_lm(policy_uri, policy_field)),
+        "value": plans["value"].build(
+            lambda: load_scalar_model(value_uri, value_field, tokenizer.pad_token_id)
+        ),
+        "reference": plans["reference"].build(lambda: load_causal_lm(policy_uri, policy_field)),
+        "reward": reward,
+    }
+    disable_dropout(modules["policy"])
+    disable_dropout(modules["value"])
+    return Models(tokenizer, reward_tokenizer, plans, modules)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    from rlhf_trainer import engine as ds
+    from rlhf_trainer.batches import BatchPlan, prompt_ids
+    from rlhf_trainer.generation import sample
+    from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
+    from rlhf_trainer.reward_model import RewardScorer, max_length
+    from rlhf_trainer.worker import StageWorker, all_mean
 
     worker = StageWorker.start(config)
     spec = worker.job.spec
     ppo = spec.stages.ppo
     with worker.timed("data"):
         prompts = prompt_split(worker.job).train
-    (policy_uri, policy_field), (reward_uri, reward_field) = (
-        policy_source(worker.job),
-        reward_source(worker.job),
-    )
-    with worker.timed("model_load"):
-        tokenizer = load_tokenizer(policy_uri, policy_field)
-        reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
-        reward = load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label)
-        problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
-        value_uri, value_field = (
-            (reward_uri, reward_field) if problem is None else policy_source(worker.job)
-        )
-        if problem is not None and worker.is_main:
-            logger.warning(
-                "ppo: the value model starts from %s with a fresh scalar head: %s",
-                value_field,
-                problem,
-            )
-        models = {
-            "policy": load_causal_lm(policy_uri, policy_field),
-            "value": load_scalar_model(value_uri, value_field, tokenizer.pad_token_id),
-            "reference": load_causal_lm(policy_uri, policy_field),
-            "reward": reward,
-        }
-        disable_dropout(models["policy"])
-        disable_dropout(models["value"])
     per_worker = ppo.rollout_batch_size // worker.world_size
     mini_batch = min(ppo.mini_batch_size or per_worker, per_worker)
-    learning_rates = {
-        "policy": ppo.learning_rate,
-        "value": ppo.value_learning_rate or ppo.learning_rate,
-    }
+    with worker.timed("model_load"):
+        models = load_models(worker, mini_batch)
+    tokenizer, reward_tokenizer = models.tokenizer, models.reward_tokenizer
     with worker.timed("deepspeed_init"):
         engines = {
-            name: ds.initialize(
-                model,
-                spec.parallelism,
-                use_gpu=worker.use_gpu,
-                world_size=worker.world_size,
-                micro_batch=mini_batch,
-                learning_rate=learning_rates.get(name),  # None: frozen
-            )
-            for name, model in models.items()
+            name: models.plans[name].initialize(module) for name, module in models.modules.items()
         }
     device = engines["policy"].device
     scorer = RewardScorer(
         engines["reward"],
         tokenizer,
         reward_tokenizer,
-        max_length(reward_tokenizer, reward.model) if reward_tokenizer is not None else None,
+        max_length(reward_tokenizer, models.modules["reward"].model) if reward_tokenizer else None,
     )
     if ppo.target_kl is not None:
         kl_control = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)

@@ -53,7 +53,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, preference_batch
     from rlhf_trainer.losses import pairwise_loss
-    from rlhf_trainer.models import last_token, load_scalar_model, load_tokenizer
+    from rlhf_trainer.models import hidden_size, last_token, load_scalar_model, load_tokenizer
     from rlhf_trainer.schedule import plan
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
@@ -64,16 +64,14 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("data"):
         split = _dataset(worker.job)
     backbone, field = policy_source(worker.job)
+    schedule = plan(stage, len(split.train), worker.world_size, FIELD)
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(backbone, field)
-        model = load_scalar_model(backbone, field, tokenizer.pad_token_id)
-    schedule = plan(stage, len(split.train), worker.world_size, FIELD)
-    with worker.timed("deepspeed_init"):
-        engine = ds.initialize(
-            model,
+        engine_plan = ds.plan_engine(
             spec.parallelism,
             use_gpu=worker.use_gpu,
             world_size=worker.world_size,
+            hidden_size=hidden_size(backbone, field),
             micro_batch=schedule.micro_batch,
             grad_accum=schedule.grad_accum,
             learning_rate=stage.learning_rate,
@@ -81,6 +79,11 @@ def train_loop(config: dict[str, Any]) -> None:
             total_steps=schedule.total_steps,
             warmup_steps=schedule.warmup_steps,
         )
+        model = engine_plan.build(
+            lambda: load_scalar_model(backbone, field, tokenizer.pad_token_id)
+        )
+    with worker.timed("deepspeed_init"):
+        engine = engine_plan.initialize(model)
     device = engine.device
 
     def scores(table, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, sft_batch
     from rlhf_trainer.losses import masked_lm_loss
-    from rlhf_trainer.models import load_causal_lm, load_tokenizer
+    from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer
     from rlhf_trainer.schedule import plan
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
@@ -54,18 +54,15 @@ def train_loop(config: dict[str, Any]) -> None:
     dataset = stage.dataset
     with worker.timed("data"):
         split = _dataset(worker.job)
-    with worker.timed("model_load"):
-        tokenizer = load_tokenizer(
-            spec.model.tokenizer or spec.model.base, "spec.model.base", spec.model.revision
-        )
-        model = load_causal_lm(spec.model.base, "spec.model.base", spec.model.revision)
     schedule = plan(stage, len(split.train), worker.world_size, FIELD)
-    with worker.timed("deepspeed_init"):
-        engine = ds.initialize(
-            model,
+    base, revision = spec.model.base, spec.model.revision
+    with worker.timed("model_load"):
+        tokenizer = load_tokenizer(spec.model.tokenizer or base, "spec.model.base", revision)
+        engine_plan = ds.plan_engine(
             spec.parallelism,
             use_gpu=worker.use_gpu,
             world_size=worker.world_size,
+            hidden_size=hidden_size(base, "spec.model.base", revision),
             micro_batch=schedule.micro_batch,
             grad_accum=schedule.grad_accum,
             learning_rate=stage.learning_rate,
@@ -73,6 +70,9 @@ def train_loop(config: dict[str, Any]) -> None:
             total_steps=schedule.total_steps,
             warmup_steps=schedule.warmup_steps,
         )
+        model = engine_plan.build(lambda: load_causal_lm(base, "spec.model.base", revision))
+    with worker.timed("deepspeed_init"):
+        engine = engine_plan.initialize(model)
     device = engine.device
 
     def batch(table, rows: list[int]) -> dict[str, torch.Tensor]:
