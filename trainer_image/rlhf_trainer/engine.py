@@ -9,9 +9,9 @@ do the same).
 
 Each engine is planned before its model is built (`plan_engine`): under ZeRO-3 the model is then
 built inside `EnginePlan.building()`, where transformers' `from_pretrained` constructs it under
-`deepspeed.zero.Init` and rank 0 loads the checkpoint into the partitions: no worker (no GPU)
-ever holds the whole model (DeepSpeed-Chat's and OpenRLHF's `HfDeepSpeedConfig` before
-`from_pretrained`).
+`deepspeed.zero.Init` and rank 0 reads the checkpoint (in CPU memory) into the partitions: no
+GPU ever holds the whole model, other workers not even in CPU memory (DeepSpeed-Chat's and
+OpenRLHF's `HfDeepSpeedConfig` before `from_pretrained`).
 
     plan = plan_engine(spec.parallelism, use_gpu=..., world_size=..., hidden_size=..., ...)
     model = plan.build(lambda: load_causal_lm(uri, field))
