@@ -553,8 +553,19 @@ async def delete_job(api: RLHFEmulator, namespace: str, name: str) -> None:
         assert resp.status < 300, await resp.text()
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15, every: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; its last value or an AssertionError."""
+PATIENCE = 60.0
+"""How long `eventually` waits by default (seconds). The slowest scenario (four stages, a
+restart) takes ~3 s on an idle 2-core box and a few times that when the CPU is shared (CI):
+waiting ends as soon as the outcome is there, so only a real failure ever waits this long."""
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = PATIENCE, every: float = 0.05
+) -> Any:
+    """Poll `check` until it returns something truthy; its last value or an AssertionError.
+
+    Tests wait for outcomes with this, never for a fixed time or a number of operator ticks.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = check()

@@ -75,7 +75,6 @@ async def test_metrics_follow_a_job_with_a_retried_stage(
     # The status write lands first, then the operator observes it: wait for the observation.
     await eventually(
         lambda: METRICS.registry.get_sample_value(FINISHED, finished) == done_before + 1,
-        timeout=30,
     )
     after = await scrape(endpoint)
     assert api.get(JOBS, NS, "watched")["status"]["phase"] == "Succeeded"
@@ -95,7 +94,6 @@ async def test_metrics_follow_a_job_with_a_retried_stage(
     await delete_job(api, NS, "watched")
     await eventually(
         lambda: METRICS.registry.get_sample_value("rlhf_operator_jobs", finished) == jobs_before,
-        timeout=30,
     )
 
 
@@ -114,10 +112,10 @@ async def test_a_job_that_reuses_a_warm_cluster_is_a_hit(
 
     hits, misses = count(HITS), count(MISSES)
     await create_job(api, sample_job("first", NS, warmPool=warm, stages=sft_only))
-    await eventually(lambda: succeeded("first"), timeout=30)
+    await eventually(lambda: succeeded("first"))
     assert (count(HITS), count(MISSES)) == (hits, misses + 1)
 
     await create_job(api, sample_job("second", NS, warmPool=warm, stages=sft_only))
-    await eventually(lambda: succeeded("second"), timeout=30)
+    await eventually(lambda: succeeded("second"))
     assert api.get(JOBS, NS, "second")["status"]["cluster"]["reused"] is True
     assert (count(HITS), count(MISSES)) == (hits + 1, misses + 1)

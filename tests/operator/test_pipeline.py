@@ -65,7 +65,7 @@ async def test_happy_path_runs_all_four_stages_on_one_cluster(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     await create_job(api, sample_job("happy"))
-    await eventually(phase_is(api, "happy", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "happy", "Succeeded"))
 
     assert kuberay.submitted == [f"happy-{stage}-1" for stage in STAGES]
     assert ever_existed(api, RAYCLUSTERS) == ["happy-ray"]
@@ -73,7 +73,7 @@ async def test_happy_path_runs_all_four_stages_on_one_cluster(
         spec = api.get(RAYJOBS, NS, f"happy-{stage}-1")["spec"]
         assert spec["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "happy-ray"}
         assert "backoffLimit" not in spec
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=5)  # released at the end
+    await eventually(lambda: not api.live(RAYCLUSTERS))  # released at the end
 
     job = status(api, "happy")
     assert job["observedGeneration"] == 1
@@ -82,7 +82,7 @@ async def test_happy_path_runs_all_four_stages_on_one_cluster(
     conds = conditions(api, "happy")
     assert conds["Valid"][0] == conds["Succeeded"][0] == conds["SftComplete"][0] == "True"
     assert conds["Failed"][0] == "False"
-    await eventually(lambda: "ClusterDeleted" in api.reasons_for("happy"), timeout=5)
+    await eventually(lambda: "ClusterDeleted" in api.reasons_for("happy"))
     reasons = api.reasons_for("happy")
     for reason in ("ClusterCreated", "ClusterReady", "StageSucceeded", "JobSucceeded"):
         assert reason in reasons
@@ -98,7 +98,7 @@ async def test_a_stage_that_fails_once_is_retried_from_its_checkpoint(
 ) -> None:
     kuberay.plan = lambda rj: FAIL if stage_of(rj) == ("ppo", 1) else SUCCEED
     await create_job(api, sample_job("flaky"))
-    await eventually(phase_is(api, "flaky", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "flaky", "Succeeded"))
 
     assert "flaky-ppo-1" in kuberay.submitted and "flaky-ppo-2" in kuberay.submitted
     args = entrypoint(api, "flaky-ppo-2")
@@ -116,7 +116,7 @@ async def test_a_stage_that_exhausts_its_retries_fails_the_job_with_the_reason(
 ) -> None:
     kuberay.plan = lambda rj: FAIL if stage_of(rj)[0] == "sft" else SUCCEED
     await create_job(api, sample_job("doomed"))  # backoffLimit 1: two attempts
-    await eventually(phase_is(api, "doomed", "Failed"), timeout=30)
+    await eventually(phase_is(api, "doomed", "Failed"))
 
     job = status(api, "doomed")
     assert "Stage sft failed after 2 attempt(s)" in job["message"]
@@ -124,8 +124,8 @@ async def test_a_stage_that_exhausts_its_retries_fails_the_job_with_the_reason(
     assert conditions(api, "doomed")["Failed"] == ("True", "StageFailed")
     assert conditions(api, "doomed")["SftComplete"][0] == "False"
     assert kuberay.submitted == ["doomed-sft-1", "doomed-sft-2"]  # no later stage ran
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=5)
-    await eventually(lambda: "JobFailed" in api.reasons_for("doomed"), timeout=5)
+    await eventually(lambda: not api.live(RAYCLUSTERS))
+    await eventually(lambda: "JobFailed" in api.reasons_for("doomed"))
     assert "StageFailed" in api.reasons_for("doomed")
 
 
@@ -135,14 +135,14 @@ async def test_an_operator_restart_mid_stage_resumes_without_duplicates(
     finish_ppo = False
     kuberay.plan = lambda rj: HANG if stage_of(rj)[0] == "ppo" and not finish_ppo else SUCCEED
     await create_job(api, sample_job("phoenix"))
-    await eventually(running(api, "phoenix-ppo-1"), timeout=20)
+    await eventually(running(api, "phoenix-ppo-1"))
 
     await operator.stop()
     finish_ppo = True  # the stage ends while no operator watches
     await eventually(lambda: api.get(RAYJOBS, NS, "phoenix-ppo-1")["status"].get("jobStatus")
                      == "SUCCEEDED")  # fmt: skip
     await operator.start()
-    await eventually(phase_is(api, "phoenix", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "phoenix", "Succeeded"))
 
     assert ever_existed(api, RAYCLUSTERS) == ["phoenix-ray"]
     assert ever_existed(api, RAYJOBS) == sorted(f"phoenix-{s}-1" for s in STAGES)
@@ -158,12 +158,12 @@ async def test_an_operator_killed_right_after_creating_a_rayjob_creates_no_secon
         landed=True,
     )
     await create_job(api, sample_job("crash"))
-    await eventually(wire.tripped.is_set, timeout=20)
+    await eventually(wire.tripped.is_set)
     stopping = operator.stop()
     wire.release()
     await stopping
     await operator.start()
-    await eventually(phase_is(api, "crash", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "crash", "Succeeded"))
 
     assert ever_existed(api, RAYJOBS) == sorted(f"crash-{s}-1" for s in STAGES)
     assert ever_existed(api, RAYCLUSTERS) == ["crash-ray"]
@@ -174,11 +174,11 @@ async def test_deleting_a_running_job_stops_its_rayjob_and_deletes_its_cluster(
 ) -> None:
     kuberay.plan = lambda rj: HANG
     await create_job(api, sample_job("gone"))
-    await eventually(running(api, "gone-sft-1"), timeout=20)
+    await eventually(running(api, "gone-sft-1"))
     assert names.FINALIZER in api.get(JOBS, NS, "gone")["metadata"]["finalizers"]
 
     await delete_job(api, NS, "gone")
-    await eventually(lambda: api.get(JOBS, NS, "gone") is None, timeout=10)
+    await eventually(lambda: api.get(JOBS, NS, "gone") is None)
     assert not api.live(RAYCLUSTERS)
     assert not api.live(RAYJOBS)
 
@@ -187,18 +187,18 @@ async def test_an_invalid_spec_fails_with_a_message_and_creates_nothing(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     await create_job(api, sample_job("local", storage={"uri": "/tmp/out", "secretRef": None}))
-    await eventually(phase_is(api, "local", "Failed"), timeout=10)
+    await eventually(phase_is(api, "local", "Failed"))
 
     assert conditions(api, "local")["Valid"] == ("False", "InvalidSpec")
     assert "spec.storage.uri" in status(api, "local")["message"]
-    await eventually(lambda: "InvalidSpec" in api.reasons_for("local"), timeout=5)
+    await eventually(lambda: "InvalidSpec" in api.reasons_for("local"))
     warning = next(e for e in api.events_for("local") if e["reason"] == "InvalidSpec")
     assert warning["type"] == "Warning" and "pvc://" in warning["message"]
     assert ever_existed(api, RAYCLUSTERS) == ever_existed(api, RAYJOBS) == []
 
     # fixing the spec starts the job
     await patch_job(api, NS, "local", {"spec": {"storage": {"uri": "s3://bucket/x"}}})
-    await eventually(phase_is(api, "local", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "local", "Succeeded"))
 
 
 async def test_suspend_releases_everything_and_resume_continues_the_stage(
@@ -206,16 +206,16 @@ async def test_suspend_releases_everything_and_resume_continues_the_stage(
 ) -> None:
     kuberay.plan = lambda rj: HANG if stage_of(rj) == ("reward", 1) else SUCCEED
     await create_job(api, sample_job("nap"))
-    await eventually(running(api, "nap-reward-1"), timeout=20)
+    await eventually(running(api, "nap-reward-1"))
 
     await patch_job(api, NS, "nap", {"spec": {"runPolicy": {"suspend": True}}})
-    await eventually(phase_is(api, "nap", "Suspended"), timeout=10)
+    await eventually(phase_is(api, "nap", "Suspended"))
     gone = lambda: not api.live(RAYCLUSTERS) and api.get(RAYJOBS, NS, "nap-reward-1") is None  # noqa: E731
-    await eventually(gone, timeout=10)  # the running stage stopped, the cluster released
+    await eventually(gone)  # the running stage stopped, the cluster released
     assert status(api, "nap")["stages"]["sft"]["state"] == "Succeeded"
 
     await patch_job(api, NS, "nap", {"spec": {"runPolicy": {"suspend": False}}})
-    await eventually(phase_is(api, "nap", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "nap", "Succeeded"))
     reward = status(api, "nap")["stages"]["reward"]
     assert (reward["attempts"], reward["failures"]) == (2, 0)  # a resume is not a failure
     assert "--resume-from" in entrypoint(api, "nap-reward-2")
@@ -229,18 +229,18 @@ async def test_active_deadline_fails_the_job_and_stops_its_rayjob(
 ) -> None:
     kuberay.plan = lambda rj: HANG
     await create_job(api, sample_job("late", runPolicy={"activeDeadlineSeconds": 2}))
-    await eventually(phase_is(api, "late", "Failed"), timeout=20)
+    await eventually(phase_is(api, "late", "Failed"))
 
     assert conditions(api, "late")["Failed"] == ("True", "DeadlineExceeded")
     assert "activeDeadlineSeconds" in status(api, "late")["message"]
-    await eventually(lambda: not api.live(RAYJOBS) and not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(lambda: not api.live(RAYJOBS) and not api.live(RAYCLUSTERS))
 
 
 async def test_a_finished_job_is_deleted_after_its_ttl(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     await create_job(api, sample_job("brief", runPolicy={"ttlSecondsAfterFinished": 1}))
-    await eventually(lambda: api.get(JOBS, NS, "brief") is None, timeout=30)
+    await eventually(lambda: api.get(JOBS, NS, "brief") is None)
     assert ever_existed(api, RAYJOBS) == sorted(f"brief-{s}-1" for s in STAGES)
 
 
@@ -249,12 +249,12 @@ async def test_stage_changes_after_start_are_ignored_with_a_warning(
 ) -> None:
     kuberay.plan = lambda rj: HANG if stage_of(rj)[0] == "sft" else SUCCEED
     await create_job(api, sample_job("steady"))
-    await eventually(running(api, "steady-sft-1"), timeout=20)
+    await eventually(running(api, "steady-sft-1"))
 
     await patch_job(api, NS, "steady", {"spec": {"stages": {"ppo": {"steps": 7}}}})
-    await eventually(lambda: "SpecChangeIgnored" in api.reasons_for("steady"), timeout=10)
+    await eventually(lambda: "SpecChangeIgnored" in api.reasons_for("steady"))
     kuberay.plan = lambda rj: SUCCEED
-    await eventually(phase_is(api, "steady", "Succeeded"), timeout=30)
+    await eventually(phase_is(api, "steady", "Succeeded"))
     args = entrypoint(api, "steady-ppo-1")
     assert '"steps":100' in args[args.index("--job") + 1]  # the spec it started with
     assert status(api, "steady")["observedGeneration"] == 2

@@ -138,7 +138,7 @@ def finishes_stage(job: str, stage: str) -> Callable[[Request], bool]:
 
 async def kill_at(operator: OperatorRunner, wire: Tripwire) -> None:
     """Wait for the tripwire, kill the operator there, start a fresh one."""
-    await eventually(wire.tripped.is_set, timeout=20)
+    await eventually(wire.tripped.is_set)
     await operator.kill(then=wire.release)
     await operator.start()
 
@@ -162,7 +162,7 @@ def leaks(api: RLHFEmulator) -> list[str]:
 async def no_leaks(api: RLHFEmulator) -> None:
     """Once the operator has settled, every cluster is a running job's or the pool's."""
     try:
-        await eventually(lambda: not leaks(api), timeout=10)
+        await eventually(lambda: not leaks(api))
     except AssertionError:
         raise AssertionError(f"leaked clusters: {leaks(api)}") from None
 
@@ -174,8 +174,8 @@ async def test_the_uninterrupted_outcome(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     await create_job(api, sample_job("calm"))
-    await eventually(lambda: status(api, "calm").get("phase") == "Succeeded", timeout=30)
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(lambda: status(api, "calm").get("phase") == "Succeeded")
+    await eventually(lambda: not api.live(RAYCLUSTERS))
     assert outcome(api, "calm") == uninterrupted("calm", "calm-ray")
 
 
@@ -189,8 +189,8 @@ async def test_killed_while_creating_the_cluster(
     wire = api.tripwire(creates(RAYCLUSTERS), landed=landed)
     await create_job(api, sample_job("boot"))
     await kill_at(operator, wire)
-    await eventually(lambda: status(api, "boot").get("phase") == "Succeeded", timeout=30)
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(lambda: status(api, "boot").get("phase") == "Succeeded")
+    await eventually(lambda: not api.live(RAYCLUSTERS))
 
     assert outcome(api, "boot") == uninterrupted("boot", "boot-ray")
     assert ever_existed(api, RAYCLUSTERS) == ["boot-ray"]
@@ -204,7 +204,7 @@ async def test_killed_between_stages_while_recording_one_as_done(
     wire = api.tripwire(finishes_stage("hop", "sft"), landed=landed)
     await create_job(api, sample_job("hop"))
     await kill_at(operator, wire)
-    await eventually(lambda: status(api, "hop").get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, "hop").get("phase") == "Succeeded")
 
     assert outcome(api, "hop") == uninterrupted("hop", "hop-ray")
     assert ever_existed(api, RAYJOBS) == sorted(f"hop-{s}-1" for s in STAGES)
@@ -218,7 +218,7 @@ async def test_killed_between_stages_while_creating_the_next_rayjob(
     wire = api.tripwire(creates(RAYJOBS, "step-reward-1"), landed=landed)
     await create_job(api, sample_job("step"))
     await kill_at(operator, wire)
-    await eventually(lambda: status(api, "step").get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, "step").get("phase") == "Succeeded")
 
     assert outcome(api, "step") == uninterrupted("step", "step-ray")
     assert ever_existed(api, RAYJOBS) == sorted(f"step-{s}-1" for s in STAGES)
@@ -236,7 +236,6 @@ async def test_killed_mid_stage_while_the_stage_finishes_and_the_next_one_is_due
             ((api.get(RAYJOBS, NS, "midway-ppo-1") or {}).get("status") or {}).get("jobStatus")
             == "RUNNING"
         ),
-        timeout=30,
     )
     await operator.kill()
     release_ppo = True  # the stage ends while no operator runs
@@ -244,7 +243,7 @@ async def test_killed_mid_stage_while_the_stage_finishes_and_the_next_one_is_due
         lambda: api.get(RAYJOBS, NS, "midway-ppo-1")["status"].get("jobStatus") == "SUCCEEDED"
     )
     await operator.start()
-    await eventually(lambda: status(api, "midway").get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, "midway").get("phase") == "Succeeded")
 
     assert outcome(api, "midway") == uninterrupted("midway", "midway-ray")
     assert ever_existed(api, RAYJOBS) == sorted(f"midway-{s}-1" for s in STAGES)
@@ -256,13 +255,13 @@ async def test_a_killed_or_stopped_operator_leaves_nothing_running(
     # Killed while a handler thread waits on a held request (kopf cannot cancel a thread).
     wire = api.tripwire(creates(RAYJOBS), landed=True)
     await create_job(api, sample_job("brief"))
-    await eventually(wire.tripped.is_set, timeout=60)
+    await eventually(wire.tripped.is_set)
     assert operator.threads()
     await operator.kill(then=wire.release)
     assert operator.threads() == []
     # Stopped after a run: nothing of it keeps reconciling (or failing) into the next test.
     await operator.start()
-    await eventually(lambda: status(api, "brief").get("phase") == "Succeeded", timeout=60)
+    await eventually(lambda: status(api, "brief").get("phase") == "Succeeded")
     await operator.stop()
     assert operator.threads() == []
 
@@ -273,7 +272,7 @@ async def test_a_killed_or_stopped_operator_leaves_nothing_running(
 async def _pooled_cluster_of(api: RLHFEmulator, job: str) -> None:
     """Run `job` (with a warm pool) to the end: its cluster waits in the pool afterwards."""
     await create_job(api, sample_job(job, warmPool=KEEP))
-    await eventually(lambda: status(api, job).get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, job).get("phase") == "Succeeded")
     await eventually(
         lambda: (
             ((api.get(RAYCLUSTERS, NS, f"{job}-ray") or {}).get("metadata") or {})
@@ -281,7 +280,6 @@ async def _pooled_cluster_of(api: RLHFEmulator, job: str) -> None:
             .get(wp.LABEL_STATE)
             == wp.STATE_AVAILABLE
         ),
-        timeout=10,
     )
 
 
@@ -293,7 +291,7 @@ async def test_killed_while_claiming_a_pool_cluster(
     wire = api.tripwire(relabels(RAYCLUSTERS, "donor-ray", wp.STATE_CLAIMED), landed=landed)
     await create_jobs_while_down(api, operator, sample_job("heir", warmPool=KEEP))
     await kill_at(operator, wire)
-    await eventually(lambda: status(api, "heir").get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, "heir").get("phase") == "Succeeded")
     await eventually(
         lambda: (
             (api.get(RAYCLUSTERS, NS, "donor-ray")["metadata"].get("annotations") or {}).get(
@@ -301,7 +299,6 @@ async def test_killed_while_claiming_a_pool_cluster(
             )
             == f"{NS}/heir"
         ),
-        timeout=10,
     )
 
     assert outcome(api, "heir") == uninterrupted("heir", "donor-ray", reused=True)
@@ -321,13 +318,13 @@ async def test_killed_while_two_jobs_claim_the_same_pool_cluster(
     )
     await kill_at(operator, wire)
     for job in ("ann", "bob"):
-        await eventually(lambda job=job: status(api, job).get("phase") == "Succeeded", timeout=30)
+        await eventually(lambda job=job: status(api, job).get("phase") == "Succeeded")
 
     reused = {job: status(api, job)["cluster"].get("reused", False) for job in ("ann", "bob")}
     assert sorted(reused.values()) == [False, True], reused
     loser = next(job for job, r in reused.items() if not r)
     assert ever_existed(api, RAYCLUSTERS) == sorted(["donor-ray", f"{loser}-ray"])
-    await eventually(lambda: len(api.live(RAYCLUSTERS)) == 2, timeout=10)
+    await eventually(lambda: len(api.live(RAYCLUSTERS)) == 2)
     await no_leaks(api)
 
 
@@ -345,13 +342,12 @@ async def test_killed_while_releasing_the_cluster_to_the_pool(
             .get(wp.LABEL_STATE)
             == wp.STATE_AVAILABLE
         ),
-        timeout=15,
     )
     assert outcome(api, "last") == uninterrupted("last", "last-ray")
     await no_leaks(api)
 
     # ... and the pool serves the next job.
     await create_jobs_while_down(api, operator, sample_job("next", warmPool=KEEP))
-    await eventually(lambda: status(api, "next").get("phase") == "Succeeded", timeout=30)
+    await eventually(lambda: status(api, "next").get("phase") == "Succeeded")
     assert outcome(api, "next") == uninterrupted("next", "last-ray", reused=True)
     assert ever_existed(api, RAYCLUSTERS) == ["last-ray"]

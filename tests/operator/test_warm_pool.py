@@ -100,8 +100,8 @@ def ever_existed(api: RLHFEmulator, resource: str) -> list[tuple[str, str]]:
 
 
 async def finished_and_pooled(api: RLHFEmulator, name: str, cluster_name: str) -> None:
-    await eventually(phase_is(api, name, "Succeeded"), timeout=20)
-    await eventually(pooled(api, cluster_name), timeout=10)
+    await eventually(phase_is(api, name, "Succeeded"))
+    await eventually(pooled(api, cluster_name))
 
 
 # --------------------------------------------------------------------------- reuse
@@ -118,7 +118,7 @@ async def test_two_sequential_jobs_with_the_same_signature_share_one_cluster(
     await eventually(lambda: names.CLUSTER_POOLED in api.reasons_for("first"))
 
     (second,) = await create_jobs_while_down(api, operator, job("second"))
-    await eventually(phase_is(api, "second", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "second", "Succeeded"))
 
     assert ever_existed(api, RAYCLUSTERS) == [(NS, "first-ray")]
     assert ran_on(api, "second") == ("first-ray", True)
@@ -140,7 +140,7 @@ async def test_two_sequential_jobs_with_the_same_signature_share_one_cluster(
     assert claimed[-1]["metadata"]["labels"][wp.LABEL_CLAIMED_BY] == second["metadata"]["uid"]
     assert claimed[-1]["metadata"]["ownerReferences"][0]["name"] == "second"
     # ... and it went back to the pool when the second job finished.
-    await eventually(pooled(api, "first-ray"), timeout=10)
+    await eventually(pooled(api, "first-ray"))
     assert (
         cluster(api, "first-ray")["metadata"]["annotations"][wp.ANNOTATION_RELEASED_BY]
         == f"{NS}/second"
@@ -151,8 +151,8 @@ async def test_a_job_without_keep_alive_deletes_its_cluster(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     await create_job(api, job("plain", warm_pool={}))
-    await eventually(phase_is(api, "plain", "Succeeded"), timeout=20)
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(phase_is(api, "plain", "Succeeded"))
+    await eventually(lambda: not api.live(RAYCLUSTERS))
     assert names.WARM_POOL_MISS not in api.reasons_for("plain")
 
 
@@ -178,7 +178,7 @@ async def test_different_signatures_do_not_share(
     await finished_and_pooled(api, "first", "first-ray")
 
     await create_jobs_while_down(api, operator, job("other", namespace, **change))
-    await eventually(phase_is(api, "other", "Succeeded", namespace), timeout=20)
+    await eventually(phase_is(api, "other", "Succeeded", namespace))
 
     assert ran_on(api, "other", namespace) == ("other-ray", False)
     await eventually(lambda: names.WARM_POOL_MISS in api.reasons_for("other"))
@@ -195,7 +195,7 @@ async def test_an_explicit_pool_name_narrows_sharing(
     await finished_and_pooled(api, "team-a", "team-a-ray")
     # Same shape, no pool name: not the team's pool.
     await create_jobs_while_down(api, operator, job("anyone"))
-    await eventually(phase_is(api, "anyone", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "anyone", "Succeeded"))
     assert ran_on(api, "anyone") == ("anyone-ray", False)
 
 
@@ -219,8 +219,8 @@ async def test_two_jobs_racing_for_one_pool_cluster(
         count=2,
     )
     await create_jobs_while_down(api, operator, job("left"), job("right"))
-    await eventually(phase_is(api, "left", "Succeeded"), timeout=20)
-    await eventually(phase_is(api, "right", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "left", "Succeeded"))
+    await eventually(phase_is(api, "right", "Succeeded"))
 
     clusters = {name: ran_on(api, name) for name in ("left", "right")}
     winners = [name for name, (_, reused) in clusters.items() if reused]
@@ -242,8 +242,8 @@ async def test_an_unclaimed_pool_cluster_is_deleted_when_it_expires(
 ) -> None:
     expiries = metrics.METRICS.registry.get_sample_value("rlhf_operator_warm_pool_expiries_total")
     await create_job(api, job("brief", warm_pool={"keepAliveSeconds": 1}))
-    await eventually(phase_is(api, "brief", "Succeeded"), timeout=20)
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(phase_is(api, "brief", "Succeeded"))
+    await eventually(lambda: not api.live(RAYCLUSTERS))
     versions = [v for v in api.objects[RAYCLUSTERS, NS, "brief-ray"].history if v is not None]
     was_pooled = [
         v
@@ -268,12 +268,12 @@ async def test_an_expired_cluster_is_never_claimed(
         lambda r: r.action == kmock.action.DELETE and r.name == "old-ray", landed=False
     )
     await create_jobs_while_down(api, operator, job("new"))
-    await eventually(phase_is(api, "new", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "new", "Succeeded"))
     assert ran_on(api, "new") == ("new-ray", False)
-    await eventually(sweep.tripped.is_set, timeout=10)  # the sweep did try to delete it
+    await eventually(sweep.tripped.is_set)  # the sweep did try to delete it
     assert cluster(api, "old-ray")  # still there: the new job passed it over as expired
     sweep.release()  # the sweep's delete fails once (503); the next sweep deletes it
-    await eventually(lambda: cluster(api, "old-ray") == {}, timeout=10)
+    await eventually(lambda: cluster(api, "old-ray") == {})
 
 
 # --------------------------------------------------------------------------- failures
@@ -293,11 +293,11 @@ async def test_a_job_that_failed_because_of_its_cluster_does_not_pool_it(
 ) -> None:
     kuberay.plan = always(plan)
     await create_job(api, job("broken", runPolicy={"backoffLimit": 0}))
-    await eventually(phase_is(api, "broken", "Failed"), timeout=20)
+    await eventually(phase_is(api, "broken", "Failed"))
     if pooled_after:
-        await eventually(pooled(api, "broken-ray"), timeout=10)
+        await eventually(pooled(api, "broken-ray"))
     else:
-        await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+        await eventually(lambda: not api.live(RAYCLUSTERS))
         assert names.CLUSTER_POOLED not in api.reasons_for("broken")
 
 
@@ -306,14 +306,14 @@ async def test_an_unhealthy_cluster_is_not_pooled(
 ) -> None:
     kuberay.plan = always(HANG)
     await create_job(api, job("sick", runPolicy={"backoffLimit": 0}))
-    await eventually(lambda: api.get(RAYJOBS, NS, "sick-sft-1"), timeout=20)
+    await eventually(lambda: api.get(RAYJOBS, NS, "sick-sft-1"))
     # The head pod dies for good (KubeRay reports it; nothing heals it), and the stage fails.
     kuberay.ready_after = 10**9
     unhealthy = {"state": "failed", "conditions": [{"type": "HeadPodReady", "status": "False"}]}
     await _patch_status(api, RAYCLUSTERS, "sick-ray", unhealthy)
     await _patch_status(api, RAYJOBS, "sick-sft-1", APP_FAILED[-1])
-    await eventually(phase_is(api, "sick", "Failed"), timeout=20)
-    await eventually(lambda: not api.live(RAYCLUSTERS), timeout=10)
+    await eventually(phase_is(api, "sick", "Failed"))
+    await eventually(lambda: not api.live(RAYCLUSTERS))
     assert names.CLUSTER_POOLED not in api.reasons_for("sick")
 
 
@@ -325,15 +325,15 @@ async def test_deleting_a_running_job_releases_its_cluster_to_the_pool(
 ) -> None:
     kuberay.plan = always(HANG)
     await create_job(api, job("doomed"))
-    await eventually(lambda: api.get(RAYJOBS, NS, "doomed-sft-1"), timeout=20)
+    await eventually(lambda: api.get(RAYJOBS, NS, "doomed-sft-1"))
     await delete_job(api, NS, "doomed")
-    await eventually(lambda: api.get(JOBS, NS, "doomed") is None, timeout=15)
+    await eventually(lambda: api.get(JOBS, NS, "doomed") is None)
     assert api.get(RAYJOBS, NS, "doomed-sft-1") is None  # the stage was stopped first
     assert pooled(api, "doomed-ray")()
 
     kuberay.plan = always(SUCCEED)
     await create_jobs_while_down(api, operator, job("retry"))
-    await eventually(phase_is(api, "retry", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "retry", "Succeeded"))
     assert ran_on(api, "retry") == ("doomed-ray", True)
     assert ever_existed(api, RAYCLUSTERS) == [(NS, "doomed-ray")]
 
@@ -343,9 +343,9 @@ async def test_deleting_a_job_without_keep_alive_deletes_its_cluster(
 ) -> None:
     kuberay.plan = always(HANG)
     await create_job(api, job("gone", warm_pool={}))
-    await eventually(lambda: api.get(RAYJOBS, NS, "gone-sft-1"), timeout=20)
+    await eventually(lambda: api.get(RAYJOBS, NS, "gone-sft-1"))
     await delete_job(api, NS, "gone")
-    await eventually(lambda: api.get(JOBS, NS, "gone") is None, timeout=15)
+    await eventually(lambda: api.get(JOBS, NS, "gone") is None)
     assert not api.live(RAYCLUSTERS)
 
 
@@ -356,10 +356,10 @@ async def test_a_new_job_named_like_the_pool_clusters_first_job_gets_its_own_clu
     await create_job(api, job("again"))
     await finished_and_pooled(api, "again", "again-ray")
     await delete_job(api, NS, "again")
-    await eventually(lambda: api.get(JOBS, NS, "again") is None, timeout=15)
+    await eventually(lambda: api.get(JOBS, NS, "again") is None)
 
     created = await create_job(api, job("again", cluster={"image": "registry.example/t:2"}))
-    await eventually(phase_is(api, "again", "Succeeded"), timeout=20)
+    await eventually(phase_is(api, "again", "Succeeded"))
     assert ran_on(api, "again") == (f"again-{created['metadata']['uid'][:5]}-ray", False)
     assert pooled(api, "again-ray")()  # the pool's cluster was left alone
 
