@@ -15,16 +15,20 @@ import pytest
 from kube_sim import (
     FAIL,
     JOBS,
+    RAYCLUSTERS,
     SUCCEED,
+    OperatorRunner,
     RLHFEmulator,
     SimulatedKubeRay,
     create_job,
+    create_jobs_while_down,
     delete_job,
     eventually,
     sample_job,
     stage_of,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from rlhf_operator import warmpool
 from rlhf_operator.metrics import METRICS
 
 NS = "ns"
@@ -98,24 +102,33 @@ async def test_metrics_follow_a_job_with_a_retried_stage(
 
 
 async def test_a_job_that_reuses_a_warm_cluster_is_a_hit(
-    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: object
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     sft_only = {"reward": {"enabled": False}, "ppo": {"enabled": False},
                 "evaluation": {"enabled": False}}  # fmt: skip
     warm = {"keepAliveSeconds": 300}
 
-    def count(name: str) -> float:
-        return METRICS.registry.get_sample_value(name) or 0.0
+    def counts() -> tuple[float, float]:
+        sample = METRICS.registry.get_sample_value
+        return (sample(HITS) or 0.0, sample(MISSES) or 0.0)
 
     def succeeded(name: str) -> bool:
         return ((api.get(JOBS, NS, name) or {}).get("status") or {}).get("phase") == "Succeeded"
 
-    hits, misses = count(HITS), count(MISSES)
+    def pooled(cluster: str) -> bool:
+        labels = ((api.get(RAYCLUSTERS, NS, cluster) or {}).get("metadata") or {}).get("labels")
+        return (labels or {}).get(warmpool.LABEL_STATE) == warmpool.STATE_AVAILABLE
+
+    hits, misses = counts()
     await create_job(api, sample_job("first", NS, warmPool=warm, stages=sft_only))
     await eventually(lambda: succeeded("first"))
-    assert (count(HITS), count(MISSES)) == (hits, misses + 1)
+    await eventually(lambda: counts() == (hits, misses + 1))
+    await eventually(lambda: pooled("first-ray"))  # released just after the status write
 
-    await create_job(api, sample_job("second", NS, warmPool=warm, stages=sft_only))
+    # Applied while the operator is down: its first reconcile sees the pool (kube_sim).
+    await create_jobs_while_down(
+        api, operator, sample_job("second", NS, warmPool=warm, stages=sft_only)
+    )
     await eventually(lambda: succeeded("second"))
     assert api.get(JOBS, NS, "second")["status"]["cluster"]["reused"] is True
-    assert (count(HITS), count(MISSES)) == (hits + 1, misses + 1)
+    await eventually(lambda: counts() == (hits + 1, misses + 1))
