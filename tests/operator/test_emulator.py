@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import kmock
 import pytest
 from emulator import Emulator
+from kube_sim import PATIENCE, eventually
 
 BASE = "/apis/ray.io/v1/namespaces/ns/rayclusters"
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -145,7 +146,7 @@ async def test_tripwire_landed_stores_the_write_and_holds_the_answer(api: Emulat
     await _create(api)
     wire = api.tripwire(lambda r: r.action == kmock.action.UPDATE, landed=True)
     call = asyncio.create_task(_patch(api, {"metadata": {"labels": {"a": "1"}}}))
-    await asyncio.wait_for(wire.tripped.wait(), 5)
+    await asyncio.wait_for(wire.tripped.wait(), PATIENCE)
     assert api.objects["ray.io/v1/rayclusters", "ns", "c1"]["metadata"]["labels"] == {"a": "1"}
     assert not call.done()
     wire.release()
@@ -157,7 +158,7 @@ async def test_tripwire_not_landed_drops_the_write(api: Emulator) -> None:
     await _create(api)
     wire = api.tripwire(lambda r: r.action == kmock.action.UPDATE, landed=False)
     call = asyncio.create_task(_patch(api, {"metadata": {"labels": {"a": "1"}}}))
-    await asyncio.wait_for(wire.tripped.wait(), 5)
+    await asyncio.wait_for(wire.tripped.wait(), PATIENCE)
     wire.release()
     assert (await call)[0] == 503
     assert "labels" not in api.objects["ray.io/v1/rayclusters", "ns", "c1"]["metadata"]
@@ -171,7 +172,7 @@ async def test_gate_makes_writers_with_one_version_race(api: Emulator) -> None:
     first = asyncio.create_task(
         _patch(api, {"metadata": {"resourceVersion": version, "labels": {"who": "first"}}})
     )
-    await asyncio.sleep(0.05)
+    await eventually(lambda: gate.arrived == 1)  # the first writer is at the gate
     assert not first.done()  # held until the second writer arrives
     second = await _patch(api, {"metadata": {"resourceVersion": version, "labels": {"who": "x"}}})
     assert (await first)[0] == 200
