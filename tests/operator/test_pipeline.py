@@ -107,6 +107,8 @@ async def test_a_stage_that_fails_once_is_retried_from_its_checkpoint(
     assert "--resume-from" not in entrypoint(api, "flaky-ppo-1")
     ppo = status(api, "flaky")["stages"]["ppo"]
     assert (ppo["attempts"], ppo["failures"], ppo["state"]) == (2, 1, "Succeeded")
+    # Events are posted in order, after the status write: once the last one is in, all are.
+    await eventually(lambda: "JobSucceeded" in api.reasons_for("flaky"))
     assert api.reasons_for("flaky").count("StageRetried") == 1
     assert ever_existed(api, RAYCLUSTERS) == ["flaky-ray"]
 
@@ -220,6 +222,7 @@ async def test_suspend_releases_everything_and_resume_continues_the_stage(
     assert (reward["attempts"], reward["failures"]) == (2, 0)  # a resume is not a failure
     assert "--resume-from" in entrypoint(api, "nap-reward-2")
     assert "nap-sft-2" not in kuberay.submitted  # finished stages do not rerun
+    await eventually(lambda: "JobSucceeded" in api.reasons_for("nap"))
     reasons = api.reasons_for("nap")
     assert "JobSuspended" in reasons and "JobResumed" in reasons
 

@@ -153,6 +153,7 @@ async def test_a_job_without_keep_alive_deletes_its_cluster(
     await create_job(api, job("plain", warm_pool={}))
     await eventually(phase_is(api, "plain", "Succeeded"))
     await eventually(lambda: not api.live(RAYCLUSTERS))
+    await eventually(lambda: names.CLUSTER_DELETED in api.reasons_for("plain"))  # the last one
     assert names.WARM_POOL_MISS not in api.reasons_for("plain")
 
 
@@ -298,6 +299,7 @@ async def test_a_job_that_failed_because_of_its_cluster_does_not_pool_it(
         await eventually(pooled(api, "broken-ray"))
     else:
         await eventually(lambda: not api.live(RAYCLUSTERS))
+        await eventually(lambda: names.CLUSTER_DELETED in api.reasons_for("broken"))
         assert names.CLUSTER_POOLED not in api.reasons_for("broken")
 
 
@@ -314,6 +316,7 @@ async def test_an_unhealthy_cluster_is_not_pooled(
     await _patch_status(api, RAYJOBS, "sick-sft-1", APP_FAILED[-1])
     await eventually(phase_is(api, "sick", "Failed"))
     await eventually(lambda: not api.live(RAYCLUSTERS))
+    await eventually(lambda: names.CLUSTER_DELETED in api.reasons_for("sick"))
     assert names.CLUSTER_POOLED not in api.reasons_for("sick")
 
 
