@@ -19,6 +19,7 @@ from rlhf_operator.reconcile import (
     kuberay,
     machine,
 )
+from rlhf_operator.reconcile.cluster import STOP_GRACE
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -560,7 +561,7 @@ class TestMachine:
         ("since", "expected", "waits"),
         [
             (timedelta(seconds=5), ["DeleteRayJob"], True),
-            (machine.STOP_GRACE, ["DeleteRayJob", "DeleteCluster"], False),
+            (STOP_GRACE, ["DeleteRayJob", "DeleteCluster"], False),
         ],
         ids=["within-grace", "past-grace"],
     )

@@ -1,5 +1,6 @@
-"""Reconciling an RLHFJob: the pure state machine (machine), KubeRay status reading (kuberay),
-status helpers (conditions), and the driver that connects them to the API (driver)."""
+"""Reconciling an RLHFJob: the pure state machine (machine; its cluster seam: cluster; the
+decision it builds: draft), KubeRay status reading (kuberay), status helpers (conditions), and
+the driver that connects them to the API (driver)."""
 
 from rlhf_operator.reconcile.conditions import status_patch
 from rlhf_operator.reconcile.machine import reconcile, reject

@@ -14,100 +14,41 @@ Crash safety: child names are deterministic and written to status in the same de
 creates them (the driver writes status first), and every non-terminal phase re-ensures the
 children it expects ("create if absent"). A restart at any point repeats at most an idempotent
 create or delete, never a second cluster or a second RayJob for the same attempt.
+
+The job's RayCluster (acquire: claim a warm one or create; ensure; release: to the warm pool or
+delete) is the seam in reconcile/cluster.py; the decision being built is reconcile/draft.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from rlhf_operator import builders, names, warmpool
-from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, StageStatus, is_terminal
+from rlhf_operator import builders, names
+from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, is_terminal
 from rlhf_operator.api.columns import progress_column, reward_column
-from rlhf_operator.api.status import ClusterStatus, EvaluationSummary
+from rlhf_operator.api.status import EvaluationSummary
 from rlhf_operator.api.storage import artifact_uri
 from rlhf_operator.reconcile import kuberay
-from rlhf_operator.reconcile.conditions import (
-    get_condition,
-    parse_time,
-    set_condition,
-    timestamp,
+from rlhf_operator.reconcile.cluster import (
+    CLUSTER_PROVISIONING,
+    Readiness,
+    acquire_cluster,
+    ensure_cluster,
+    release_cluster,
 )
+from rlhf_operator.reconcile.conditions import get_condition, parse_time, set_condition, timestamp
+from rlhf_operator.reconcile.draft import Draft
 from rlhf_operator.reconcile.model import (
-    Action,
-    ClaimCluster,
-    ClusterObservation,
-    CreateCluster,
     CreateRayJob,
     Decision,
-    DeleteCluster,
     DeleteJob,
     DeleteRayJob,
     Event,
     Observed,
     PinSpec,
-    ReleaseCluster,
 )
 
-CLUSTER_PROVISIONING = "ClusterProvisioning"
-CLUSTER_TERMINATING = "ClusterTerminating"
-CLUSTER_RELEASED = "ClusterReleased"
-CLUSTER_CLAIMING = "ClusterClaiming"
-STOP_GRACE = timedelta(seconds=60)
-"""How long a deleted job waits for its running stage to stop before its cluster can go to the
-warm pool; past it, the cluster is deleted instead (a stuck RayJob must not hold the deletion)."""
 SUSPENDED = "Suspended"
-
-
-@dataclass
-class _Draft:
-    """A decision being built: the inputs plus the status, actions and events so far."""
-
-    job: RLHFJob
-    status: RLHFJobStatus
-    observed: Observed
-    now: datetime
-    generation: int | None
-    actions: list[Action]
-    events: list[Event]
-    deleting: bool = False  # the job itself is being deleted (finalizer)
-    deleting_since: datetime | None = None
-    wait: str | None = None  # finalizer: why the job cannot be let go yet
-
-    @property
-    def name(self) -> str:
-        return self.job.metadata.name
-
-    @property
-    def namespace(self) -> str | None:
-        return self.job.metadata.namespace
-
-    @property
-    def uid(self) -> str | None:
-        return (self.job.metadata.model_extra or {}).get("uid")
-
-    def owner(self) -> dict:
-        return builders.owner_reference({"name": self.name, "uid": self.uid or ""})
-
-    def normal(self, reason: str, message: str) -> None:
-        self.events.append(Event("Normal", reason, message))
-
-    def warning(self, reason: str, message: str) -> None:
-        self.events.append(Event("Warning", reason, message))
-
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
-        set_condition(
-            self.status,
-            type_,
-            "True" if value else "False",
-            reason,
-            message,
-            self.now,
-            self.generation,
-        )
-
-    def stage(self, name: str) -> StageStatus:
-        return self.status.stages.setdefault(name, StageStatus())
 
 
 # --------------------------------------------------------------------------- entry points
@@ -128,7 +69,7 @@ def reconcile(
     `spec_changed`: the live spec's stages/cluster differ from the ones the job started with
     (`pinned_spec` records those; they keep being used). `generation`: metadata.generation.
     """
-    d = _Draft(job, status.model_copy(deep=True), observed, now, generation, [], [])
+    d = Draft(job, status.model_copy(deep=True), observed, now, generation, [], [])
     previous_generation = status.observed_generation
     if generation is not None:
         d.status.observed_generation = generation
@@ -146,10 +87,10 @@ def reconcile(
             d.normal(names.COND_VALID, "The spec is valid now; starting the job.")
         else:
             _finished(d)
-            return _decision(d)
+            return d.decision()
     if is_terminal(d.status.phase):
         _finished(d)
-        return _decision(d)
+        return d.decision()
     d.condition(names.COND_VALID, True, "SpecValid", "The spec is valid.")
 
     policy = job.spec.run_policy
@@ -166,10 +107,10 @@ def reconcile(
             f"The job ran longer than spec.runPolicy.activeDeadlineSeconds "
             f"({policy.active_deadline_seconds}s); its running stage was stopped.",
         )
-        return _decision(d)
+        return d.decision()
     if policy.suspend and d.status.phase != "Suspended":
         _suspend(d)
-        return _decision(d)
+        return d.decision()
 
     {
         "Pending": _start,
@@ -177,7 +118,7 @@ def reconcile(
         "Running": _run,
         "Suspended": _suspended,
     }[d.status.phase](d, pinned_spec)
-    return _decision(d)
+    return d.decision()
 
 
 def reject(
@@ -215,200 +156,34 @@ def finalize(
 
     `job` needs only its metadata (name, uid) when its spec is broken: it can be deleted too
     (its cluster is then deleted, never pooled). A cluster bound for the warm pool waits for the
-    running stage to stop (`Decision.wait`), for at most `STOP_GRACE` after `deleting_since`.
+    running stage to stop (`Decision.wait`), for at most `cluster.STOP_GRACE` after
+    `deleting_since`.
     """
-    d = _Draft(job, status.model_copy(deep=True), observed, now, None, [], [], deleting=True)
+    d = Draft(job, status.model_copy(deep=True), observed, now, None, [], [], deleting=True)
     d.deleting_since = deleting_since
     _stop_rayjob(d)
     release_cluster(d)
-    return _decision(d)
-
-
-def _decision(d: _Draft) -> Decision:
-    return Decision(status=d.status, actions=d.actions, events=d.events, wait=d.wait)
-
-
-# --------------------------------------------------------------------------- the cluster seams
-
-
-def acquire_cluster(d: _Draft, *, passed_over: str | None = None) -> None:
-    """Give the job a cluster: claim a warm one from the pool, else create its own.
-
-    Either way its name goes into status first (the driver writes status before it acts), so
-    after a restart the job finds the cluster it was claiming or creating, and only that one.
-    `passed_over`: a pool cluster just found claimed by another job (the index may still list it).
-    """
-    pool = [c for c in d.observed.pool if c.name != passed_over]
-    candidate = warmpool.choose_candidate(pool, warmpool.pool_signature(d.job), d.now)
-    if candidate is not None and d.uid:
-        _claim(d, candidate)
-        return
-    name = _own_cluster_name(d)
-    d.status.cluster = ClusterStatus(
-        name=name, reused=False, dashboard_url=builders.dashboard_url(name, d.namespace)
-    )
-    d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
-    d.normal(names.CLUSTER_CREATED, f"Creating RayCluster {name}.")
-    pooling = d.job.spec.warm_pool
-    if pooling.keep_alive_seconds or pooling.pool:
-        d.normal(names.WARM_POOL_MISS, f"No warm RayCluster matches this job; creating {name}.")
-
-
-def _claim(d: _Draft, cluster: warmpool.PoolCluster) -> None:
-    """Record the warm cluster in status, then claim it (resourceVersion precondition)."""
-    d.status.cluster = ClusterStatus(
-        name=cluster.name,
-        reused=True,
-        dashboard_url=builders.dashboard_url(cluster.name, d.namespace),
-    )
-    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
-    d.actions.append(
-        ClaimCluster(cluster.name, warmpool.claim_patch(cluster.resource_version, job_meta))
-    )
-    message = f"Claiming warm RayCluster {cluster.name}."
-    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_CLAIMING, message)
-
-
-def _own_cluster_name(d: _Draft) -> str:
-    """`<job>-ray`, unless a warm-pool cluster holds that name (left by an earlier job of the
-    same name, now serving another job or waiting in the pool): then `<job>-<uid>-ray`."""
-    name = names.cluster_name(d.name)
-    taken = d.observed.cluster
-    if taken is not None and taken.name == name and _pool_squatter(d, taken) and d.uid:
-        return names.cluster_name(f"{d.name}-{d.uid[:5]}")
-    return name
-
-
-def _pool_squatter(d: _Draft, cluster: ClusterObservation) -> bool:
-    """A cluster at our own name that went through a warm pool and is not ours."""
-    return (
-        cluster.pool is not None
-        and cluster.pool.state is not None
-        and not cluster.owned_by(d.name, d.uid)
-    )
-
-
-def _reclaim(d: _Draft, cluster: ClusterObservation | None) -> None:
-    """The recorded warm cluster is not claimed by us yet: claim it again, or pick another.
-
-    Our claim may not have landed (a restart, a stale version); if the cluster is still
-    claimable, claim it with its current version. If another job got it, or it expired, broke
-    or went away, give it up and acquire again (another warm cluster or our own).
-    """
-    pool = cluster.pool if cluster is not None else None
-    if (
-        cluster is not None
-        and pool is not None
-        and d.uid
-        and not cluster.deleting
-        and pool.claimable(warmpool.pool_signature(d.job), d.now)
-    ):
-        _claim(d, pool)
-        return
-    d.status.cluster = ClusterStatus()
-    acquire_cluster(d, passed_over=d.observed.cluster.name if d.observed.cluster else None)
-
-
-def release_cluster(d: _Draft, *, announce: bool = True) -> None:
-    """The job is done with its cluster (finished, failed, suspended, deleted).
-
-    A job with `spec.warmPool.keepAliveSeconds` that ended (finished or deleted) hands a healthy
-    cluster to the warm pool, once no stage of it runs there any more; any other cluster, one
-    that is unhealthy or that made the job fail, and a suspended job's, is deleted. Called on
-    every reconcile of a finished job while the cluster is still ours, so a failed write is
-    retried; `announce` is False on those repeats.
-    """
-    cluster = d.observed.cluster
-    if cluster is None or cluster.deleting or not cluster.owned_by(d.name, d.uid):
-        return
-    spec = getattr(d.job, "spec", None)  # absent when a job with a broken spec is deleted
-    keep_alive = spec.warm_pool.keep_alive_seconds if spec is not None else 0
-    ended = d.deleting or is_terminal(d.status.phase)
-    if keep_alive and ended and cluster.pool is not None:
-        rayjob = d.observed.rayjob
-        stage_running = rayjob is not None and not kuberay.is_finished(rayjob)
-        if stage_running and not d.deleting:
-            return  # being stopped (_stop_rayjob): pool the cluster once it is free
-        since = d.deleting_since or d.now
-        if stage_running and d.now - since < STOP_GRACE:
-            d.wait = f"waiting for RayJob {rayjob.name} to stop before pooling {cluster.name}"
-            return
-        failed_by_cluster = (
-            d.status.phase == "Failed"
-            and rayjob is not None
-            and warmpool.cluster_at_fault(rayjob.reason)
-        )
-        if not stage_running and warmpool.is_poolable(
-            healthy=cluster.pool.healthy, failed_by_cluster=failed_by_cluster
-        ):
-            _pool(d, cluster.name, keep_alive, announce)
-            return
-    d.actions.append(DeleteCluster(cluster.name))
-    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released.")
-    if announce:
-        d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}.")
-
-
-def _pool(d: _Draft, name: str, keep_alive: int, announce: bool) -> None:
-    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
-    patch = warmpool.release_patch(job_meta, warmpool.pool_signature(d.job), keep_alive, d.now)
-    d.actions.append(ReleaseCluster(name, patch))
-    message = f"{name} released to the warm pool for {keep_alive}s."
-    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, message)
-    if announce:
-        d.normal(names.CLUSTER_POOLED, message)
-
-
-def _ensure_cluster(d: _Draft) -> bool:
-    """True when the recorded cluster is ours and ready; else create it or wait for it."""
-    name = d.status.cluster.name
-    cluster = d.observed.cluster
-    if name is None:
-        acquire_cluster(d)
-        return False
-    if d.status.cluster.reused and (cluster is None or not cluster.owned_by(d.name, d.uid)):
-        _reclaim(d, cluster)
-        return False
-    if cluster is None:
-        d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
-        d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, f"Creating {name}.")
-        return False
-    if not cluster.owned_by(d.name, d.uid) and _pool_squatter(d, cluster) and d.uid:
-        # A warm-pool cluster took our name before ours existed: create ours under another.
-        d.status.cluster.name = None
-        acquire_cluster(d)
-        return False
-    if not cluster.owned_by(d.name, d.uid):
-        _fail(
-            d,
-            names.CLUSTER_CONFLICT,
-            f"RayCluster {name} already exists and does not belong to this RLHFJob; delete it "
-            "or give the job another name.",
-        )
-        return False
-    if cluster.deleting:
-        d.condition(
-            names.COND_CLUSTER_READY,
-            False,
-            CLUSTER_TERMINATING,
-            f"Waiting for the previous {name} to be deleted.",
-        )
-        return False
-    if not cluster.ready:
-        d.condition(
-            names.COND_CLUSTER_READY,
-            False,
-            CLUSTER_PROVISIONING,
-            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}).",
-        )
-        return False
-    return True
+    return d.decision()
 
 
 # --------------------------------------------------------------------------- phases
 
 
-def _start(d: _Draft, pinned_spec: str | None) -> None:
+def _cluster_ready(d: Draft) -> bool:
+    """True when the recorded cluster is ours and ready (see `ensure_cluster`); a cluster of
+    another owner at its name fails the job."""
+    readiness = ensure_cluster(d)
+    if readiness is Readiness.CONFLICT:
+        _fail(
+            d,
+            names.CLUSTER_CONFLICT,
+            f"RayCluster {d.status.cluster.name} already exists and does not belong to this "
+            "RLHFJob; delete it or give the job another name.",
+        )
+    return readiness is Readiness.READY
+
+
+def _start(d: Draft, pinned_spec: str | None) -> None:
     """Pending: lay out the stages, pin the spec, acquire the cluster."""
     s, spec = d.status, d.job.spec
     enabled = spec.enabled_stages()
@@ -429,9 +204,9 @@ def _start(d: _Draft, pinned_spec: str | None) -> None:
     d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, "Cluster requested.")
 
 
-def _provision(d: _Draft, _: str | None) -> None:
+def _provision(d: Draft, _: str | None) -> None:
     """Provisioning: wait for the cluster, then start (a new attempt of) the current stage."""
-    if not _ensure_cluster(d):
+    if not _cluster_ready(d):
         return
     name = d.status.cluster.name
     d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{name} is ready.")
@@ -447,7 +222,7 @@ def _provision(d: _Draft, _: str | None) -> None:
     _start_attempt(d, d.status.stage or d.job.spec.enabled_stages()[0])
 
 
-def _start_attempt(d: _Draft, stage: str, *, announce: bool = True) -> None:
+def _start_attempt(d: Draft, stage: str, *, announce: bool = True) -> None:
     """Record attempt N+1 of `stage` in status and create its RayJob."""
     s = d.status
     st = d.stage(stage)
@@ -468,7 +243,7 @@ def _start_attempt(d: _Draft, stage: str, *, announce: bool = True) -> None:
         d.normal(names.STAGE_STARTED, f"Stage {stage} started: attempt {attempt}, RayJob {rayjob}.")
 
 
-def _run(d: _Draft, _: str | None) -> None:
+def _run(d: Draft, _: str | None) -> None:
     """Running: follow the current attempt's RayJob; advance, retry or fail on its outcome."""
     s = d.status
     stage = s.stage or d.job.spec.enabled_stages()[0]
@@ -484,7 +259,7 @@ def _run(d: _Draft, _: str | None) -> None:
             d.actions.append(DeleteRayJob(st.ray_job))
         st.state = "Pending"
         s.phase = "Provisioning"
-        _ensure_cluster(d)
+        _cluster_ready(d)
         return
     if cluster.ready:
         d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{cluster.name} is ready.")
@@ -504,7 +279,7 @@ def _run(d: _Draft, _: str | None) -> None:
         _stage_failed(d, stage, why)
 
 
-def _stage_succeeded(d: _Draft, stage: str) -> None:
+def _stage_succeeded(d: Draft, stage: str) -> None:
     s, st = d.status, d.stage(stage)
     st.state, st.completion_time, st.message = "Succeeded", timestamp(d.now), None
     d.condition(names.stage_condition(stage), True, "StageSucceeded", f"Stage {stage} succeeded.")
@@ -530,7 +305,7 @@ def _stage_succeeded(d: _Draft, stage: str) -> None:
     release_cluster(d)
 
 
-def _stage_failed(d: _Draft, stage: str, why: str) -> None:
+def _stage_failed(d: Draft, stage: str, why: str) -> None:
     st = d.stage(stage)
     st.failures += 1
     st.message = why
@@ -550,7 +325,7 @@ def _stage_failed(d: _Draft, stage: str, why: str) -> None:
     _fail(d, names.STAGE_FAILED, message + " (spec.runPolicy.backoffLimit reached).")
 
 
-def _fail(d: _Draft, reason: str, message: str) -> None:
+def _fail(d: Draft, reason: str, message: str) -> None:
     """Terminal failure: stop the running RayJob, release the cluster, say why."""
     s = d.status
     s.phase, s.message, s.completion_time = "Failed", message, timestamp(d.now)
@@ -565,13 +340,13 @@ def _fail(d: _Draft, reason: str, message: str) -> None:
     release_cluster(d)
 
 
-def _stop_rayjob(d: _Draft) -> None:
+def _stop_rayjob(d: Draft) -> None:
     rayjob = d.observed.rayjob
     if rayjob is not None and not rayjob.deleting and not kuberay.is_finished(rayjob):
         d.actions.append(DeleteRayJob(rayjob.name))
 
 
-def _suspend(d: _Draft) -> None:
+def _suspend(d: Draft) -> None:
     """Stop the running stage and release the cluster; the stage reruns on resume."""
     s = d.status
     _stop_rayjob(d)
@@ -583,7 +358,7 @@ def _suspend(d: _Draft) -> None:
     release_cluster(d)
 
 
-def _suspended(d: _Draft, pinned_spec: str | None) -> None:
+def _suspended(d: Draft, pinned_spec: str | None) -> None:
     """Suspended and no longer asked to be: resume where it stopped."""
     s = d.status
     if d.job.spec.run_policy.suspend:  # still suspended: keep everything released
@@ -600,7 +375,7 @@ def _suspended(d: _Draft, pinned_spec: str | None) -> None:
     _provision(d, pinned_spec)
 
 
-def _finished(d: _Draft) -> None:
+def _finished(d: Draft) -> None:
     """Succeeded or Failed: make sure nothing keeps running; expire after the TTL."""
     _stop_rayjob(d)
     release_cluster(d, announce=False)

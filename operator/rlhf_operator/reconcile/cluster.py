@@ -1,0 +1,221 @@
+"""The job's RayCluster, as the state machine sees it: acquire, ensure, release (pure).
+
+Acquire: claim a warm cluster from the pool (`warmpool`), else create the job's own. Ensure:
+the cluster named in status exists, is the job's and is ready (a lost claim is given up, a
+cluster missing is recreated). Release: a job done with its cluster hands a healthy one to the
+warm pool, or deletes it. Each records what it does in the draft (status first: the driver
+writes it before it acts), so a restart finds the cluster being claimed or created, and only it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+
+from rlhf_operator import builders, names, warmpool
+from rlhf_operator.api import is_terminal
+from rlhf_operator.api.status import ClusterStatus
+from rlhf_operator.reconcile import kuberay
+from rlhf_operator.reconcile.draft import Draft
+from rlhf_operator.reconcile.model import (
+    ClaimCluster,
+    ClusterObservation,
+    CreateCluster,
+    DeleteCluster,
+    ReleaseCluster,
+)
+
+CLUSTER_PROVISIONING = "ClusterProvisioning"
+CLUSTER_TERMINATING = "ClusterTerminating"
+CLUSTER_RELEASED = "ClusterReleased"
+CLUSTER_CLAIMING = "ClusterClaiming"
+STOP_GRACE = timedelta(seconds=60)
+"""How long a deleted job waits for its running stage to stop before its cluster can go to the
+warm pool; past it, the cluster is deleted instead (a stuck RayJob must not hold the deletion)."""
+
+
+class Readiness(enum.Enum):
+    """What `ensure_cluster` found."""
+
+    READY = "Ready"
+    WAITING = "Waiting"  # being claimed, created, deleted or provisioned: come back later
+    CONFLICT = "Conflict"  # its name is taken by a RayCluster that is not the job's
+
+
+# --------------------------------------------------------------------------- acquire
+
+
+def acquire_cluster(d: Draft, *, passed_over: str | None = None) -> None:
+    """Give the job a cluster: claim a warm one from the pool, else create its own.
+
+    Either way its name goes into status first (the driver writes status before it acts), so
+    after a restart the job finds the cluster it was claiming or creating, and only that one.
+    `passed_over`: a pool cluster just found claimed by another job (the index may still list it).
+    """
+    pool = [c for c in d.observed.pool if c.name != passed_over]
+    candidate = warmpool.choose_candidate(pool, warmpool.pool_signature(d.job), d.now)
+    if candidate is not None and d.uid:
+        _claim(d, candidate)
+        return
+    name = _own_cluster_name(d)
+    d.status.cluster = ClusterStatus(
+        name=name, reused=False, dashboard_url=builders.dashboard_url(name, d.namespace)
+    )
+    d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+    d.normal(names.CLUSTER_CREATED, f"Creating RayCluster {name}.")
+    pooling = d.job.spec.warm_pool
+    if pooling.keep_alive_seconds or pooling.pool:
+        d.normal(names.WARM_POOL_MISS, f"No warm RayCluster matches this job; creating {name}.")
+
+
+def _claim(d: Draft, cluster: warmpool.PoolCluster) -> None:
+    """Record the warm cluster in status, then claim it (resourceVersion precondition)."""
+    d.status.cluster = ClusterStatus(
+        name=cluster.name,
+        reused=True,
+        dashboard_url=builders.dashboard_url(cluster.name, d.namespace),
+    )
+    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
+    d.actions.append(
+        ClaimCluster(cluster.name, warmpool.claim_patch(cluster.resource_version, job_meta))
+    )
+    message = f"Claiming warm RayCluster {cluster.name}."
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_CLAIMING, message)
+
+
+def _own_cluster_name(d: Draft) -> str:
+    """`<job>-ray`, unless a warm-pool cluster holds that name (left by an earlier job of the
+    same name, now serving another job or waiting in the pool): then `<job>-<uid>-ray`."""
+    name = names.cluster_name(d.name)
+    taken = d.observed.cluster
+    if taken is not None and taken.name == name and _pool_squatter(d, taken) and d.uid:
+        return names.cluster_name(f"{d.name}-{d.uid[:5]}")
+    return name
+
+
+def _pool_squatter(d: Draft, cluster: ClusterObservation) -> bool:
+    """A cluster at our own name that went through a warm pool and is not ours."""
+    return (
+        cluster.pool is not None
+        and cluster.pool.state is not None
+        and not cluster.owned_by(d.name, d.uid)
+    )
+
+
+def _reclaim(d: Draft, cluster: ClusterObservation | None) -> None:
+    """The recorded warm cluster is not claimed by us yet: claim it again, or pick another.
+
+    Our claim may not have landed (a restart, a stale version); if the cluster is still
+    claimable, claim it with its current version. If another job got it, or it expired, broke
+    or went away, give it up and acquire again (another warm cluster or our own).
+    """
+    pool = cluster.pool if cluster is not None else None
+    if (
+        cluster is not None
+        and pool is not None
+        and d.uid
+        and not cluster.deleting
+        and pool.claimable(warmpool.pool_signature(d.job), d.now)
+    ):
+        _claim(d, pool)
+        return
+    d.status.cluster = ClusterStatus()
+    acquire_cluster(d, passed_over=d.observed.cluster.name if d.observed.cluster else None)
+
+
+# --------------------------------------------------------------------------- ensure
+
+
+def ensure_cluster(d: Draft) -> Readiness:
+    """READY when the recorded cluster is ours and ready; else create it or wait for it
+    (WAITING), or CONFLICT: its name is taken by a cluster that is not the job's (the caller
+    fails the job)."""
+    name = d.status.cluster.name
+    cluster = d.observed.cluster
+    if name is None:
+        acquire_cluster(d)
+        return Readiness.WAITING
+    if d.status.cluster.reused and (cluster is None or not cluster.owned_by(d.name, d.uid)):
+        _reclaim(d, cluster)
+        return Readiness.WAITING
+    if cluster is None:
+        d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+        d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, f"Creating {name}.")
+        return Readiness.WAITING
+    if not cluster.owned_by(d.name, d.uid) and _pool_squatter(d, cluster) and d.uid:
+        # A warm-pool cluster took our name before ours existed: create ours under another.
+        d.status.cluster.name = None
+        acquire_cluster(d)
+        return Readiness.WAITING
+    if not cluster.owned_by(d.name, d.uid):
+        return Readiness.CONFLICT
+    if cluster.deleting:
+        d.condition(
+            names.COND_CLUSTER_READY,
+            False,
+            CLUSTER_TERMINATING,
+            f"Waiting for the previous {name} to be deleted.",
+        )
+        return Readiness.WAITING
+    if not cluster.ready:
+        d.condition(
+            names.COND_CLUSTER_READY,
+            False,
+            CLUSTER_PROVISIONING,
+            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}).",
+        )
+        return Readiness.WAITING
+    return Readiness.READY
+
+
+# --------------------------------------------------------------------------- release
+
+
+def release_cluster(d: Draft, *, announce: bool = True) -> None:
+    """The job is done with its cluster (finished, failed, suspended, deleted).
+
+    A job with `spec.warmPool.keepAliveSeconds` that ended (finished or deleted) hands a healthy
+    cluster to the warm pool, once no stage of it runs there any more; any other cluster, one
+    that is unhealthy or that made the job fail, and a suspended job's, is deleted. Called on
+    every reconcile of a finished job while the cluster is still ours, so a failed write is
+    retried; `announce` is False on those repeats.
+    """
+    cluster = d.observed.cluster
+    if cluster is None or cluster.deleting or not cluster.owned_by(d.name, d.uid):
+        return
+    spec = getattr(d.job, "spec", None)  # absent when a job with a broken spec is deleted
+    keep_alive = spec.warm_pool.keep_alive_seconds if spec is not None else 0
+    ended = d.deleting or is_terminal(d.status.phase)
+    if keep_alive and ended and cluster.pool is not None:
+        rayjob = d.observed.rayjob
+        stage_running = rayjob is not None and not kuberay.is_finished(rayjob)
+        if stage_running and not d.deleting:
+            return  # being stopped (machine._stop_rayjob): pool the cluster once it is free
+        since = d.deleting_since or d.now
+        if stage_running and d.now - since < STOP_GRACE:
+            d.wait = f"waiting for RayJob {rayjob.name} to stop before pooling {cluster.name}"
+            return
+        failed_by_cluster = (
+            d.status.phase == "Failed"
+            and rayjob is not None
+            and warmpool.cluster_at_fault(rayjob.reason)
+        )
+        if not stage_running and warmpool.is_poolable(
+            healthy=cluster.pool.healthy, failed_by_cluster=failed_by_cluster
+        ):
+            _pool(d, cluster.name, keep_alive, announce)
+            return
+    d.actions.append(DeleteCluster(cluster.name))
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released.")
+    if announce:
+        d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}.")
+
+
+def _pool(d: Draft, name: str, keep_alive: int, announce: bool) -> None:
+    job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
+    patch = warmpool.release_patch(job_meta, warmpool.pool_signature(d.job), keep_alive, d.now)
+    d.actions.append(ReleaseCluster(name, patch))
+    message = f"{name} released to the warm pool for {keep_alive}s."
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, message)
+    if announce:
+        d.normal(names.CLUSTER_POOLED, message)
