@@ -8,14 +8,10 @@ rlhf_operator.settings is first imported), so scenarios finish in seconds.
 from __future__ import annotations
 
 import os
-import tempfile
 
-os.environ.setdefault("RLHF_RECONCILE_INTERVAL", "0.1")
-os.environ.setdefault("RLHF_POOL_SWEEP_INTERVAL", "0.2")  # warm-pool expiry sweep
-# One kubeconfig path for the session, rewritten per test: kopf's default login reads the path
-# that $KUBECONFIG had when the kubernetes client was first imported.
-KUBECONFIG = os.path.join(tempfile.mkdtemp(prefix="rlhf-operator-tests-"), "kubeconfig")
-os.environ["KUBECONFIG"] = KUBECONFIG
+# The reconcile interval (0.1 s), the sweep interval and one kubeconfig path for the session are
+# set by tests/conftest.py, before anything imports the operator or the kubernetes client.
+KUBECONFIG = os.environ["KUBECONFIG"]
 
 from collections.abc import AsyncIterator  # noqa: E402
 from pathlib import Path  # noqa: E402
