@@ -12,7 +12,8 @@ diff against the status that was read, so merged onto a newer one it could leave
 (e.g. our own new cluster marked `reused`), and its transition (events, metrics, children)
 was already made by the write the copy does not show yet. So the writes carry the job's
 resourceVersion as a precondition; a 409 means "decided on an old copy": nothing is done, and
-the next tick decides again on the current job.
+the next tick decides again on the current job. (A decision that leaves status as it was writes
+nothing, so nothing checks its copy: it only re-ensures what that status records.)
 """
 
 from __future__ import annotations
