@@ -272,6 +272,16 @@ def annotate_job(
     )
 
 
+@api_call(GROUP, PLURAL, "get")
+@_ignoring(404)
+def get_job(namespace: str, name: str) -> dict[str, Any]:
+    """Read an RLHFJob as stored (None: gone). Only after a write of it met a conflict: the
+    reconcile otherwise works on the copy kopf's watch keeps."""
+    return _custom().get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+    )
+
+
 @api_call(GROUP, PLURAL, "delete")
 @_ignoring(404)
 def delete_job(namespace: str, name: str) -> None:

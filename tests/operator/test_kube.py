@@ -52,6 +52,7 @@ CALLS: dict[str, Callable[[], Any]] = {
     "delete_rayjob": lambda: kube.delete_rayjob(NS, "j1"),
     "patch_job_status": lambda: kube.patch_job_status(NS, "demo", {"phase": "Running"}),
     "annotate_job": lambda: kube.annotate_job(NS, "demo", {"a": "b"}),
+    "get_job": lambda: kube.get_job(NS, "demo"),
     "delete_job": lambda: kube.delete_job(NS, "demo"),
 }
 

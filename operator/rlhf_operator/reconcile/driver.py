@@ -12,8 +12,10 @@ diff against the status that was read, so merged onto a newer one it could leave
 (e.g. our own new cluster marked `reused`), and its transition (events, metrics, children)
 was already made by the write the copy does not show yet. So the writes carry the job's
 resourceVersion as a precondition; a 409 means "decided on an old copy": nothing is done, and
-the next tick decides again on the current job. (A decision that leaves status as it was writes
-nothing, so nothing checks its copy: it only re-ensures what that status records.)
+the reconcile reads the job as stored and decides again (kopf's own bookkeeping writes, e.g.
+its finalizer, race a new job's first reconcile: waiting for the next tick would cost a whole
+interval). A decision that leaves status as it was writes nothing, so nothing checks its copy:
+it only re-ensures what that status records.
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ Index = Mapping[tuple[str | None, str | None], Iterable[Any]]
 warm-pool index is keyed by (namespace, pool signature) instead)."""
 
 PINNED_FIELDS = ("stages", "cluster")
+CONFLICT_RETRIES = 3
+"""Decisions re-made on the job as re-read after a conflicting write, per reconcile."""
 
 
 class StaleJob(Exception):
-    """The job changed since the copy a decision was made on was read (a write got 409)."""
+    """The job changed since the copy a decision was made on was read (a write got 409), or
+    it is gone (404)."""
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,30 +157,49 @@ def reconcile_job(
     now: datetime | None = None,
     pool: Index | None = None,
 ) -> Decision | None:
-    """One reconcile of one RLHFJob (the kopf timer calls this); the decision carried out, or
-    None when `body` was a stale copy of the job (nothing done: the next tick decides again).
+    """One reconcile of one RLHFJob (the kopf timer calls this): the decision carried out, or
+    None when none was (the job is gone, or kept changing under it: the next tick decides).
+
+    `body` is the watch's copy; when a write finds the job changed since (409), the decision is
+    dropped and made again on the job as stored.
+    """
+    now = now or datetime.now(UTC)
+    meta = body.get("metadata") or {}
+    namespace, name = meta.get("namespace"), meta.get("name")
+    for _ in range(1 + CONFLICT_RETRIES):
+        try:
+            return _reconcile_once(body, clusters, rayjobs, post, now, pool)
+        except StaleJob:
+            logger.info("RLHFJob %s/%s changed since read; reading it again", namespace, name)
+            fresh = kube.get_job(namespace, name)
+            if fresh is None:
+                return None
+            body = fresh
+    logger.info("RLHFJob %s/%s kept changing; deciding again on the next tick", namespace, name)
+    return None
+
+
+def _reconcile_once(
+    body: Mapping[str, Any],
+    clusters: Index,
+    rayjobs: Index,
+    post: PostEvent,
+    now: datetime,
+    pool: Index | None,
+) -> Decision:
+    """Decide and carry out, once (`StaleJob` when `body` is older than the stored job).
 
     A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
-    now = now or datetime.now(UTC)
-    try:
-        status, decision = decide(body, clusters, rayjobs, now, pool)
-        body, claimed = apply(body, status, decision, post, now)
-        if claimed is None:
-            return decision
-        clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
-        status, decision = decide(body, clusters, rayjobs, now, pool)
-        apply(body, status, decision, post, now)
+    status, decision = decide(body, clusters, rayjobs, now, pool)
+    body, claimed = apply(body, status, decision, post, now)
+    if claimed is None:
         return decision
-    except StaleJob:
-        meta = body.get("metadata") or {}
-        logger.info(
-            "RLHFJob %s/%s changed since it was read; deciding again on the next tick",
-            meta.get("namespace"),
-            meta.get("name"),
-        )
-        return None
+    clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
+    status, decision = decide(body, clusters, rayjobs, now, pool)
+    apply(body, status, decision, post, now)
+    return decision
 
 
 def apply(
@@ -250,11 +274,12 @@ def _version(body: Mapping[str, Any]) -> str | None:
 
 
 def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """A conditional write of the job; its 409 (the job changed since it was read) is StaleJob."""
+    """A conditional write of the job; StaleJob when the job changed since it was read (409)
+    or is gone (404)."""
     try:
         return write(*args)
     except ApiException as exc:
-        if exc.status == 409:
+        if exc.status in (404, 409):
             raise StaleJob(str(exc.reason)) from exc
         raise
 
