@@ -8,10 +8,14 @@ trainer (reads and writes), so both always agree on the layout.
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlparse
 
 PVC_SCHEME = "pvc"
 PVC_MOUNT_ROOT = "/mnt/rlhf"
+# Where a pod finds its claims, for the trainer only (the operator always mounts at
+# PVC_MOUNT_ROOT): a test Ray on one machine points it at a directory standing in for the mounts.
+PVC_MOUNT_ROOT_ENV = "RLHF_PVC_MOUNT_ROOT"
 REMOTE_SCHEMES = frozenset({"s3", "gs", "gcs", "abfs", "az"})
 
 
@@ -34,7 +38,8 @@ def local_path(uri: str) -> str:
     """
     parsed = urlparse(uri)
     if parsed.scheme == PVC_SCHEME:
-        return f"{PVC_MOUNT_ROOT}/{parsed.netloc}{parsed.path}".rstrip("/")
+        root = os.environ.get(PVC_MOUNT_ROOT_ENV) or PVC_MOUNT_ROOT
+        return f"{root.rstrip('/')}/{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme == "file":
         return parsed.path
     if parsed.scheme in REMOTE_SCHEMES:
