@@ -1,10 +1,9 @@
 """Fixtures for the trainer tests: the tiny example's data and model (made once per session, no
-download) and ONE local Ray shared by every training test (starting Ray costs seconds on 2
-cores; every stage reuses it, as `rlhf run` does)."""
+download). The ONE local Ray every training test shares is `ray_session`, in tests/conftest.py
+(starting Ray costs seconds on 2 cores; every stage reuses it, as `rlhf run` does)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     load_make_tiny().main(["--out", str(out)])
     return out
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for the whole session (the stages attach to it)."""
-    import ray
-    from rlhf_trainer.launcher import ensure_ray
-
-    ensure_ray(attach=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -90,12 +90,15 @@ def preflight(job: RLHFJob, stage: str, check_upstream: bool = True) -> None:
 # ---------------------------------------------------------------------- Ray
 
 
-def ensure_ray(*, attach: bool, num_cpus: int | None = None, verbose: bool = False) -> float:
+def ensure_ray(
+    *, attach: bool, num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False
+) -> float:
     """Connect to Ray once per process; seconds it took (0 when already connected).
 
     `attach`: join the running cluster (RAY_ADDRESS, or one started with `ray start`), as a
     stage RayJob does, falling back to a local instance; otherwise always start a local one
-    (`rlhf run`: one local Ray for every stage).
+    (`rlhf run`: one local Ray for every stage). `dashboard`: also serve the dashboard and
+    its job submission API on 127.0.0.1:8265 (what KubeRay's submitter talks to).
     """
     import ray
 
@@ -112,7 +115,7 @@ def ensure_ray(*, attach: bool, num_cpus: int | None = None, verbose: bool = Fal
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
+        include_dashboard=dashboard,
         log_to_driver=verbose,
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         # The stages' own warnings (resumed from step N) reach the driver through the result.
