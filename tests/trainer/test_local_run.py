@@ -30,6 +30,8 @@ STAGE_METRICS = {
         "policy_loss",
         "value_loss",
         "clip_fraction",
+        "approx_kl",
+        "entropy",
         "kl_coef",
         "learning_rate",
     },

@@ -248,3 +248,39 @@ def test_a_pretrained_reward_model_skips_the_reward_stage(tmp_path: Path) -> Non
     result = run_stage(job, "reward")  # returns before any Ray or worker starts
     assert result.skipped == f"pretrained reward model {model}"
     assert not (tmp_path / "out").exists()
+
+
+def test_scoring_log_probs_equal_the_ones_generation_sampled_from(tiny_dir: Path) -> None:
+    """PPO's log-probs (models.token_logprobs at the sampling temperature) are those of the
+    distribution `generate` sampled from: HF's temperature-warped scores, re-computed by one
+    forward pass over `prompt + response`."""
+    from rlhf_trainer.models import load_causal_lm, load_tokenizer, token_logprobs
+
+    model = load_causal_lm(str(tiny_dir / "model"), "spec.model.base").eval()
+    tokenizer = load_tokenizer(str(tiny_dir / "model"), "spec.model.base")
+    prompt = tokenizer("about the film :", return_tensors="pt").input_ids
+    temperature = 0.7
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=True,
+        max_new_tokens=8,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=-1,  # never stop early: every step is a sampled token
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    sampled = out.sequences[0, prompt.shape[1] :]
+    at_generation = torch.stack(
+        [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, sampled, strict=True)]
+    )
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences).logits
+    rescored = token_logprobs(logits, out.sequences, temperature)[0, prompt.shape[1] - 1 :]
+    torch.testing.assert_close(rescored, at_generation, atol=1e-4, rtol=1e-4)
+    untempered = token_logprobs(logits, out.sequences)[0, prompt.shape[1] - 1 :]
+    assert not torch.allclose(untempered, at_generation, atol=1e-3)

@@ -11,13 +11,18 @@ import torch
 from rlhf_trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
+    dpo_loss,
     gae,
+    group_normalized_advantages,
+    kl_loss,
     kl_penalty,
+    leave_one_out_advantages,
     masked_lm_loss,
     masked_mean,
     masked_whiten,
     pairwise_loss,
     policy_loss,
+    reinforce_returns,
     value_loss,
 )
 
@@ -251,3 +256,72 @@ class TestKLControllers:
     def test_adaptive_rejects_a_non_positive_target(self) -> None:
         with pytest.raises(ValueError, match="target"):
             AdaptiveKLController(0.1, 0.0, 10)
+
+
+# --------------------------------------------------------------------------- critic-free, DPO
+
+
+def test_group_normalized_advantages_by_hand() -> None:
+    # group [1, 3]: mean 2, unbiased std sqrt(2) -> -+1/(sqrt(2)+1e-4); group [0, 0]: all zero
+    adv = group_normalized_advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), 2)
+    s = math.sqrt(2) + 1e-4
+    close(adv, [-1 / s, 1 / s, 0.0, 0.0])
+
+
+def test_group_normalized_advantages_group_of_three() -> None:
+    # [0, 1, 5]: mean 2, var ((4 + 1 + 9) / 2) = 7
+    adv = group_normalized_advantages(torch.tensor([0.0, 1.0, 5.0]), 3)
+    s = math.sqrt(7) + 1e-4
+    close(adv, [-2 / s, -1 / s, 3 / s])
+
+
+def test_leave_one_out_advantages_by_hand() -> None:
+    # [0, 1, 5]: baselines (1+5)/2=3, (0+5)/2=2.5, (0+1)/2=0.5
+    close(leave_one_out_advantages(torch.tensor([0.0, 1.0, 5.0]), 3), [-3.0, -1.5, 4.5])
+
+
+@pytest.mark.parametrize("fn", [group_normalized_advantages, leave_one_out_advantages])
+def test_group_advantages_reject_bad_groups(fn) -> None:
+    with pytest.raises(ValueError, match="groups of 2"):
+        fn(torch.tensor([1.0, 2.0, 3.0]), 2)
+    with pytest.raises(ValueError, match="groups of 1"):
+        fn(torch.tensor([1.0, 2.0]), 1)
+
+
+def test_reinforce_returns_by_hand() -> None:
+    rewards = torch.tensor([[-0.1, -0.2, 1.0], [0.5, -0.1, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # row 0: G2=1, G1=-0.2+0.5*1=0.3, G0=-0.1+0.5*0.3=0.05; row 1 (padded tail ignored):
+    # G1=-0.1, G0=0.5-0.05=0.45
+    close(reinforce_returns(rewards, mask, 0.5), [[0.05, 0.3, 1.0], [0.45, -0.1, 0.0]])
+
+
+def test_kl_loss_is_k3_token_mean() -> None:
+    logp = torch.tensor([[LN(0.5), LN(0.25), 0.0]], requires_grad=True)
+    ref = torch.tensor([[LN(0.25), LN(0.5), 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # token 0: r = ref/p = 0.5 -> 0.5 - 1 - ln 0.5; token 1: r = 2 -> 2 - 1 - ln 2
+    expected = ((0.5 - 1 - LN(0.5)) + (2 - 1 - LN(2))) / 2
+    loss = kl_loss(logp, ref, mask)
+    close(loss, expected)
+    loss.backward()
+    # d/dlogp (exp(ref - logp) - (ref - logp) - 1) = 1 - exp(ref - logp), halved by the mean
+    close(logp.grad, [[(1 - 0.5) / 2, (1 - 2) / 2, 0.0]])
+
+
+def test_dpo_sigmoid_and_ipo_by_hand() -> None:
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    # h = (pc - rc) - (pr - rr) = [1 - (-1), 0 - 1] = [2, -1]
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    close(loss, (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(0.5)))) / 2)
+    close(chosen, [0.5, 0.0])
+    close(rejected, [-0.5, 0.5])
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    close(ipo, ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2)
+
+
+def test_dpo_at_reference_is_log_two() -> None:
+    x = torch.tensor([-4.0, -7.0])
+    loss, _, _ = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
+    close(loss, math.log(2))

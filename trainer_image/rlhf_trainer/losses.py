@@ -314,3 +314,99 @@ class AdaptiveKLController:
         error = current_kl / self.target - 1.0
         error = min(max(error, -ADAPTIVE_KL_ERROR_CLIP), ADAPTIVE_KL_ERROR_CLIP)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# --------------------------------------------------------------------------- critic-free RL, DPO
+# Formulas matched against OpenRLHF `openrlhf/trainer/ppo_utils/experience_maker.py`
+# (advantage_estimator "group_norm", "rloo", "reinforce") and `openrlhf/models/loss.py`
+# (DPOLoss), and TRL `trl/trainer/grpo_trainer.py` (group-normalised rewards, k3 KL loss term)
+# and `dpo_trainer.py` (loss_type "sigmoid" / "ipo").
+
+_GROUP_STD_EPS = 1e-4  # TRL's GRPO epsilon: a group of equal rewards gets advantage 0, not NaN
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(
+            f"{scores.numel()} scores do not split into groups of {group_size} (need >= 2)"
+        )
+    return scores.reshape(-1, group_size)
+
+
+def group_normalized_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i - mean(group)) / (std(group) + eps)``.
+
+    ``scores`` is ``[B]`` with the ``group_size`` responses of one prompt adjacent. ``std`` is
+    the unbiased sample std (torch's default, as TRL and OpenRLHF). Each sequence's advantage is
+    then applied to every one of its response tokens.
+
+    Sharding: a group lives on one rank, so the result is invariant.
+    """
+    groups = _groups(scores, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True)
+    return ((groups - mean) / (std + _GROUP_STD_EPS)).reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j`` within a prompt's group,
+    i.e. ``r_i - (sum(group) - r_i) / (k - 1)`` (OpenRLHF's "rloo" baseline). Invariant like
+    GRPO's."""
+    groups = _groups(scores, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+@torch.no_grad()
+def reinforce_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return-to-go ``G_t = r_t + gamma * G_{t+1}`` per response token (no critic):
+    REINFORCE++'s per-token target, with the KL penalty already in ``rewards``
+    (``token_rewards``). Padding gets 0 and never feeds back."""
+    weights = _as_weights(mask, rewards)
+    rewards = rewards * weights
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * weights[:, t]
+        returns[:, t] = running
+    return returns * weights
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term: the token mean of the k3 estimate of KL(policy || reference),
+    ``exp(ref - logp) - (ref - logp) - 1`` (TRL ``per_token_kl``), differentiable in
+    ``logprobs``; the caller weights it by ``klCoef`` and adds it to the policy loss."""
+    return masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimisation over ``[B]`` sequence log-probabilities (summed over the
+    response tokens), with ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
+
+        sigmoid (Rafailov et al. 2023):  loss = mean(-log sigmoid(beta * h))
+        ipo     (Azar et al. 2023):      loss = mean((h - 1 / (2 * beta))**2)
+
+    (TRL ``dpo_loss``; OpenRLHF ``DPOLoss``). Returns ``(loss, chosen_reward, rejected_reward)``,
+    the implicit rewards ``beta * (pi - ref)`` detached, as TRL logs them.
+
+    Sharding: a mean over pairs; equal pair counts per rank give the global mean (like
+    ``pairwise_loss``).
+    """
+    logits = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * logits).mean()
+    elif loss_type == "ipo":
+        loss = ((logits - 1.0 / (2.0 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}: use sigmoid or ipo")
+    with torch.no_grad():
+        chosen = beta * (policy_chosen - reference_chosen)
+        rejected = beta * (policy_rejected - reference_rejected)
+    return loss, chosen, rejected

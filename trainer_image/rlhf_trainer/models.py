@@ -158,7 +158,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t): `[B, T-1]`, in float32."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t): `[B, T-1]`, in float32, of the distribution sampling used:
+    logits divided by `temperature` (as OpenRLHF and TRL score), so PPO's ratios and the KL are
+    on-policy for any temperature. Top-k/top-p are not applied: a token the old policy sampled
+    may leave the new policy's top-k during an update (log-prob -inf, ratio 0 or NaN)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of each next-token distribution `[B, T-1]` (same processing as `token_logprobs`)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1)

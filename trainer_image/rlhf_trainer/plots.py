@@ -10,6 +10,7 @@ PANELS = (
     ("ppo", ("kl",), "PPO: KL(policy || SFT) per sequence"),
     ("ppo", ("policy_loss", "value_loss"), "PPO: losses"),
     ("ppo", ("clip_fraction", "kl_coef"), "PPO: clip fraction, KL coefficient"),
+    ("ppo", ("entropy", "approx_kl"), "PPO: policy entropy, approx-KL per update"),
     ("sft", ("loss", "eval_loss"), "SFT: loss (response tokens)"),
     ("reward", ("loss", "accuracy", "eval_accuracy"), "Reward model: loss, pairwise accuracy"),
 )

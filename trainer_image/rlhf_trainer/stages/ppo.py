@@ -15,7 +15,9 @@ labels; reward_model.py) leaves the value model to start from the SFT policy's b
 fresh scalar head.
 Writes the PPO policy to `<artifact>/model/`. Metrics: reward_mean (reward-model score of the
 iteration's rollouts), kl (per-sequence KL, summed over response tokens), policy_loss,
-value_loss, clip_fraction, kl_coef, learning_rate.
+value_loss, clip_fraction, approx_kl (k2 KL between the rollout policy and the updated one,
+mean over minibatches), entropy (of the tempered policy on response tokens), kl_coef,
+learning_rate. Log-probs are scored with the sampling temperature (models.token_logprobs).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Rollout:
     """[B] reward-model score of each sequence."""
     kl: torch.Tensor
     """[B] KL(policy || reference) of each sequence, summed over its response tokens."""
+    entropy: float
+    """Mean entropy of the policy's (tempered) next-token distribution on response tokens."""
 
 
 @torch.no_grad()
@@ -96,16 +100,18 @@ def score(
     ppo: PPOStage,
     kl_coef: float,
 ) -> Rollout:
-    from rlhf_trainer.losses import gae, kl_penalty, masked_sum, masked_whiten
-    from rlhf_trainer.models import token_logprobs
+    from rlhf_trainer.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten
+    from rlhf_trainer.models import token_entropy, token_logprobs
 
     ids, attention = samples.input_ids, samples.attention_mask
     actions = samples.action_mask
-    logprobs = token_logprobs(
-        engines["policy"](input_ids=ids, attention_mask=attention).logits, ids
-    )
+    temperature = ppo.generation.temperature
+    policy_logits = engines["policy"](input_ids=ids, attention_mask=attention).logits
+    logprobs = token_logprobs(policy_logits, ids, temperature)
+    entropy = masked_mean(token_entropy(policy_logits, temperature), actions)
+    del policy_logits
     reference = token_logprobs(
-        engines["reference"](input_ids=ids, attention_mask=attention).logits, ids
+        engines["reference"](input_ids=ids, attention_mask=attention).logits, ids, temperature
     )
     values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
     scores = reward(ids, attention)
@@ -120,19 +126,20 @@ def score(
         returns=returns,
         scores=scores,
         kl=masked_sum(kl, actions, dim=1),
+        entropy=entropy.item(),
     )
 
 
 def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch: int):
     """`ppoEpochs` passes of clipped policy and value updates; mean (policy_loss, value_loss,
-    clip_fraction) over the minibatches."""
+    clip_fraction, approx_kl) over the minibatches."""
     from rlhf_trainer.losses import policy_loss, value_loss
     from rlhf_trainer.models import token_logprobs
 
     policy, value = engines["policy"], engines["value"]
     samples = rollout.samples
     count = samples.input_ids.shape[0]
-    totals = [0.0, 0.0, 0.0]
+    totals = [0.0, 0.0, 0.0, 0.0]
     passes = 0
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(count, device=samples.input_ids.device)
@@ -140,8 +147,12 @@ def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch:
             idx = order[start : start + mini_batch]
             ids, attention = samples.input_ids[idx], samples.attention_mask[idx]
             actions = samples.action_mask[idx]
-            logprobs = token_logprobs(policy(input_ids=ids, attention_mask=attention).logits, ids)
-            loss, clipped, _ = policy_loss(
+            logprobs = token_logprobs(
+                policy(input_ids=ids, attention_mask=attention).logits,
+                ids,
+                ppo.generation.temperature,
+            )
+            loss, clipped, approx_kl = policy_loss(
                 logprobs, rollout.logprobs[idx], rollout.advantages[idx], actions, ppo.clip_range
             )
             policy.backward(loss)
@@ -155,6 +166,7 @@ def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch:
             totals[0] += loss.item()
             totals[1] += v_loss.item()
             totals[2] += clipped.item()
+            totals[3] += approx_kl.item()
             passes += 1
     return [total / max(passes, 1) for total in totals]
 
@@ -291,14 +303,18 @@ def train_loop(config: dict[str, Any]) -> None:
                 )
                 rollout = score(samples, engines, scorer, ppo, kl_control.value)
             with worker.timed("update"):
-                policy_loss, value_loss, clip_fraction = update(rollout, engines, ppo, mini_batch)
-            reward_mean, kl, policy_loss, value_loss, clip_fraction = all_mean(
+                policy_loss, value_loss, clip_fraction, approx_kl = update(
+                    rollout, engines, ppo, mini_batch
+                )
+            reward_mean, kl, policy_loss, value_loss, clip_fraction, approx_kl, entropy = all_mean(
                 [
                     rollout.scores.mean().item(),
                     rollout.kl.mean().item(),
                     policy_loss,
                     value_loss,
                     clip_fraction,
+                    approx_kl,
+                    rollout.entropy,
                 ]
             )
             metrics = {
@@ -307,6 +323,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "policy_loss": policy_loss,
                 "value_loss": value_loss,
                 "clip_fraction": clip_fraction,
+                "approx_kl": approx_kl,
+                "entropy": entropy,
                 "kl_coef": kl_control.value,
                 "learning_rate": engines["policy"].get_lr()[0],
             }
