@@ -222,7 +222,9 @@ def test_latest_checkpoint_skips_incomplete_saves(tmp_path: Path) -> None:
     assert latest_checkpoint(str(tmp_path / "absent")) is None
 
 
-def test_ray_train_gets_paths_it_can_open() -> None:
+def test_ray_train_gets_paths_it_can_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The operator's claim mount root (the real-Ray test's session points it elsewhere).
+    monkeypatch.delenv("RLHF_PVC_MOUNT_ROOT", raising=False)
     assert ray_storage_path("pvc://models/rlhf/job/sft") == "/mnt/rlhf/models/rlhf/job/sft"
     assert ray_storage_path("file:///data/job/sft") == "/data/job/sft"
     assert ray_storage_path("s3://bucket/rlhf/job/sft") == "s3://bucket/rlhf/job/sft"
