@@ -235,8 +235,9 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
         "spec": {
             "enableInTreeAutoscaling": False,
             "headGroupSpec": {
-                # The head schedules and runs stage drivers, never training: no GPU on it.
-                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+                # The head schedules and runs stage drivers, never training: no GPU and no
+                # CPU for Ray tasks, so a CPU-only training worker never lands on it.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
                 "template": head,
             },
             "workerGroupSpecs": [

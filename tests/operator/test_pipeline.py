@@ -97,7 +97,8 @@ async def test_a_stage_that_fails_once_is_retried_from_its_checkpoint(
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     kuberay.plan = lambda rj: FAIL if stage_of(rj) == ("ppo", 1) else SUCCEED
-    await create_job(api, sample_job("flaky"))
+    # keepAttempts 2: attempt 1's RayJob stays (with 1 it is pruned once attempt 2 runs)
+    await create_job(api, sample_job("flaky", runPolicy={"backoffLimit": 1, "keepAttempts": 2}))
     await eventually(phase_is(api, "flaky", "Succeeded"))
 
     assert "flaky-ppo-1" in kuberay.submitted and "flaky-ppo-2" in kuberay.submitted

@@ -356,10 +356,17 @@ async def test_a_new_job_named_like_the_pool_clusters_first_job_gets_its_own_clu
     api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
 ) -> None:
     # "again-ray" waits in the pool for another shape; a new job "again" cannot use that name.
-    await create_job(api, job("again"))
+    first = await create_job(api, job("again"))
     await finished_and_pooled(api, "again", "again-ray")
     await delete_job(api, NS, "again")
     await eventually(lambda: api.get(JOBS, NS, "again") is None)
+    # The garbage collector (which the emulator lacks) deletes the first job's RayJobs; until
+    # it has, the new job waits for them (they are not its own: never adopted).
+    for rayjob in api.live(RAYJOBS, NS):
+        if first["metadata"]["uid"] in [r["uid"] for r in rayjob["metadata"]["ownerReferences"]]:
+            url = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/{rayjob['metadata']['name']}"
+            async with api.delete(url) as resp:
+                assert resp.status < 300, await resp.text()
 
     created = await create_job(api, job("again", cluster={"image": "registry.example/t:2"}))
     await eventually(phase_is(api, "again", "Succeeded"))

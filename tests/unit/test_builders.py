@@ -119,9 +119,10 @@ class TestRayCluster:
         assert pod["affinity"] == {"podAntiAffinity": {}}
         assert pod["serviceAccountName"] == "trainer"
 
-    def test_the_head_gets_no_gpu_and_serves_the_dashboard(self) -> None:
+    def test_the_head_gets_no_gpu_no_cpu_for_tasks_and_serves_the_dashboard(self) -> None:
         head = builders.build_raycluster(job(**GPU_JOB), "demo-ray", OWNER)["spec"]["headGroupSpec"]
         assert head["rayStartParams"]["num-gpus"] == "0"
+        assert head["rayStartParams"]["num-cpus"] == "0"  # no training task lands on the head
         assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
         container = head["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])

@@ -3,6 +3,7 @@ status, actions and events. Each test is one transition a user would care about.
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,8 @@ from rlhf_operator.reconcile import (
     Observed,
     PinSpec,
     RayJobObservation,
+    driver,
+    kuberay,
     reconcile,
     reject,
     status_patch,
@@ -54,6 +57,10 @@ def ready_cluster(**kw: Any) -> ClusterObservation:
 
 
 def rayjob(name: str, job_status: str = "RUNNING", deployment: str = "Running", **kw: Any):
+    """A RayJob of this job (owned by its uid) unless `owner_uids` says otherwise."""
+    parts = name.split("-")  # demo-<stage>-<attempt>
+    stage, attempt = (parts[1], int(parts[2])) if len(parts) == 3 else ("", 0)
+    kw = {"owner_uids": (UID,), "stage": stage, "attempt": attempt, **kw}
     return RayJobObservation(name=name, job_status=job_status, deployment_status=deployment, **kw)
 
 
@@ -142,14 +149,67 @@ def test_a_ready_cluster_starts_the_first_stage() -> None:
     assert reasons(d) == ["ClusterReady", "StageStarted"]
 
 
-def test_someone_elses_cluster_with_our_name_fails_the_job() -> None:
+@pytest.mark.parametrize("label", ["demo", None])
+def test_someone_elses_cluster_with_our_name_is_waited_for_never_adopted(label) -> None:
+    """E.g. the cluster of an earlier RLHFJob `demo` (deleted, re-applied) that the garbage
+    collector has not removed yet: it even carries our job label, but not our uid."""
     j = job()
     status = step(j, RLHFJobStatus()).status
-    foreign = ClusterObservation("demo-ray", ready=True, owner_uids=("other",))
+    foreign = ClusterObservation(
+        "demo-ray", ready=True, state="ready", owner_uids=("old-uid",), job_label=label
+    )
     d = step(j, status, Observed(cluster=foreign))
-    assert d.status.phase == "Failed"
-    assert "does not belong to this RLHFJob" in d.status.message
+    assert d.status.phase == "Provisioning"  # no stage starts on it
+    assert "CreateRayJob" not in kinds(d)
     assert not any(isinstance(a, DeleteCluster) for a in d.actions)  # never delete theirs
+    assert "RayCluster demo-ray" in d.status.message and "old-uid" in d.status.message
+    assert "delete it or give this job another name" in d.status.message
+    assert reasons(d) == ["ClusterConflict"]
+    again = step(j, d.status, Observed(cluster=foreign))
+    assert reasons(again) == []  # said once
+    gone = step(j, again.status, Observed(cluster=None))
+    assert kinds(gone) == ["CreateCluster"]  # it went: ours is created
+
+
+def test_a_cluster_never_ready_fails_with_kuberays_reason_and_is_deleted() -> None:
+    j = job(cluster={"provisionTimeoutSeconds": 600})
+    status = step(j, RLHFJobStatus()).status
+    stuck = kuberay.observe_cluster(
+        {
+            "metadata": {"name": "demo-ray", "ownerReferences": [{"uid": UID}]},
+            "status": {
+                "state": "",
+                "conditions": [
+                    {
+                        "type": "ReplicaFailure",
+                        "status": "True",
+                        "reason": "FailedCreateWorkerPod",
+                        "message": 'serviceaccount "trainer" not found',
+                    },
+                    {"type": "HeadPodReady", "status": "False", "reason": "HeadPodNotFound"},
+                ],
+            },
+        }
+    )
+    waiting = step(j, status, Observed(cluster=stuck), now=NOW + timedelta(seconds=60))
+    assert waiting.status.phase == "Provisioning"
+    assert 'serviceaccount "trainer" not found' in waiting.status.conditions[-1].message
+    assert waiting.status.cluster.waiting_since == "2026-01-01T12:00:00Z"
+    late = step(j, waiting.status, Observed(cluster=stuck), now=NOW + timedelta(seconds=600))
+    assert late.status.phase == "Failed"
+    message = late.status.message
+    assert "RayCluster demo-ray was not ready within spec.cluster.provisionTimeout" in message
+    assert 'FailedCreateWorkerPod: serviceaccount "trainer" not found' in message
+    assert "HeadPodNotFound" in message
+    assert [a.name for a in late.actions if isinstance(a, DeleteCluster)] == ["demo-ray"]
+    assert "ReleaseCluster" not in kinds(late)
+
+
+def test_the_provisioning_deadline_counts_from_the_request_and_clears_once_ready() -> None:
+    j = job(cluster={"provisionTimeoutSeconds": 600})
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=ready_cluster()), now=NOW + timedelta(seconds=599))
+    assert d.status.phase == "Running" and d.status.cluster.waiting_since is None
 
 
 # --------------------------------------------------------------------------- running
@@ -170,6 +230,7 @@ def test_someone_elses_cluster_with_our_name_fails_the_job() -> None:
         ("PENDING", "Running", Outcome.RUNNING),
         ("RUNNING", "Running", Outcome.RUNNING),
         ("", "", Outcome.RUNNING),
+        ("", "ValidationFailed", Outcome.REJECTED),
     ],
 )
 def test_jobstatus_and_deployment_status_are_read_together(
@@ -367,3 +428,97 @@ def test_a_long_failure_message_keeps_the_error_at_its_end() -> None:
     assert short.startswith("RayJob j-sft-1: Ray job FAILED")
     assert short.endswith("ValueError: bad column)")
     assert shorten("short") == "short"
+
+
+# --------------------------------------------------------------------------- KubeRay semantics
+
+
+def test_a_rayjob_at_our_name_that_is_not_ours_is_never_taken_for_our_stage() -> None:
+    """`demo-sft-1` left SUCCEEDED by an earlier RLHFJob `demo`: sft must not count as done."""
+    j, status = running("sft")
+    old = rayjob("demo-sft-1", "SUCCEEDED", "Complete", owner_uids=("old-uid",))
+    d = step(j, status, Observed(ready_cluster(), old))
+    assert d.status.stages["sft"].state == "Running" and d.status.stage == "sft"
+    assert d.actions == []  # neither adopted, nor deleted, nor created beside it
+    assert "RayJob demo-sft-1" in d.status.message and "old-uid" in d.status.message
+    assert reasons(d) == ["RayJobConflict"]
+    gone = step(j, d.status, Observed(ready_cluster(), None))
+    assert kinds(gone) == ["CreateRayJob"]
+
+
+def test_submission_failed_while_the_ray_job_runs_stops_it_before_the_retry() -> None:
+    """KubeRay: deployment Failed/SubmissionFailed while jobStatus is still RUNNING."""
+    j, status = running("sft")
+    lost = rayjob("demo-sft-1", "RUNNING", "Failed", reason="SubmissionFailed")
+    d = step(j, status, Observed(ready_cluster(), lost))
+    sft = d.status.stages["sft"]
+    assert (sft.state, sft.attempts, sft.failures) == ("Retrying", 1, 1)
+    assert kinds(d) == ["DeleteRayJob"] and d.actions[0].name == "demo-sft-1"
+    assert "waiting for RayJob demo-sft-1" in d.status.message
+    # KubeRay's finalizer holds the RayJob while it stops the Ray job: no attempt 2 yet
+    stopping = rayjob("demo-sft-1", "RUNNING", "Failed", reason="SubmissionFailed", deleting=True)
+    d = step(j, d.status, Observed(ready_cluster(), stopping))
+    assert d.actions == [] and d.status.stages["sft"].failures == 1  # counted once
+    d = step(j, d.status, Observed(ready_cluster(), None))  # gone
+    assert kinds(d) == ["CreateRayJob"] and d.actions[0].name == "demo-sft-2"
+    assert d.status.stages["sft"].state == "Running"
+
+
+def test_validation_failed_fails_the_stage_without_retrying() -> None:
+    j, status = running("sft")  # backoffLimit 1: a failure would be retried
+    refused = rayjob(
+        "demo-sft-1", "", "ValidationFailed", message="The RayJob spec is invalid: bad selector"
+    )
+    d = step(j, status, Observed(ready_cluster(), refused))
+    assert d.status.phase == "Failed" and d.status.stages["sft"].state == "Failed"
+    assert "CreateRayJob" not in kinds(d)
+    assert "KubeRay rejected RayJob demo-sft-1: The RayJob spec is invalid" in d.status.message
+    assert "not retried" in d.status.message
+
+
+def test_earlier_attempts_are_pruned_keeping_the_newest() -> None:
+    j, status = running("sft", attempt=2, runPolicy={"backoffLimit": 3})
+    first = rayjob("demo-sft-1", "FAILED", "Failed")
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-2"), earlier=(first,)))
+    assert kinds(d) == ["DeleteRayJob"] and d.actions[0].name == "demo-sft-1"
+    foreign = rayjob("demo-sft-1", "FAILED", "Failed", owner_uids=("old-uid",))
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-2"), earlier=(foreign,)))
+    assert d.actions == []  # never someone else's
+
+
+def test_keep_attempts_keeps_more() -> None:
+    j, status = running("sft", attempt=2, runPolicy={"backoffLimit": 3, "keepAttempts": 2})
+    first = rayjob("demo-sft-1", "FAILED", "Failed")
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-2"), earlier=(first,)))
+    assert d.actions == []
+
+
+def _body(**status: Any) -> dict[str, Any]:
+    manifest = sample_job("demo")
+    manifest["metadata"].update(uid=UID, generation=1, resourceVersion="7")
+    manifest["status"] = status
+    return manifest
+
+
+def test_decide_never_acts_on_a_job_being_deleted() -> None:
+    body = _body()  # a new job: its first reconcile would pin it and create its cluster
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    status, decision = driver.decide(body, {}, {}, NOW)
+    assert decision.actions == [] and decision.events == []
+    assert status_patch(status, decision.status) == {}
+
+
+def test_starting_over_re_pins_the_fixed_spec() -> None:
+    """A job pinned, then failed on an invalid spec, then fixed: it rebuilds from the fix."""
+    body = _body()
+    old = driver.effective_manifest(body)[2]
+    body["metadata"]["annotations"] = {names.ANNOTATION_PINNED_SPEC: old}
+    rejected = reject(RLHFJobStatus(), ["spec.storage.uri is bad."], NOW, 1).status
+    body["status"] = rejected.to_wire()
+    body["metadata"]["generation"] = 2
+    body["spec"]["cluster"] = {"workers": {"replicas": 4}}
+    _, decision = driver.decide(body, {}, {}, NOW)
+    pin = next(a for a in decision.actions if isinstance(a, PinSpec))
+    assert json.loads(pin.pinned)["cluster"] == {"workers": {"replicas": 4}}
+    create = next(a for a in decision.actions if isinstance(a, CreateCluster))
+    assert create.manifest["spec"]["workerGroupSpecs"][0]["replicas"] == 4

@@ -44,6 +44,8 @@ SCHEMA_ERRORS = [
     ({"parallelism": {"precision": "int8"}}, "spec.parallelism.precision"),
     ({"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit"),
     ({"runPolicy": {"activeDeadlineSeconds": 0}}, "spec.runPolicy.activeDeadlineSeconds"),
+    ({"runPolicy": {"keepAttempts": 0}}, "spec.runPolicy.keepAttempts"),
+    ({"cluster": {"provisionTimeoutSeconds": 5}}, "spec.cluster.provisionTimeoutSeconds"),
     ({"warmPool": {"keepAliveSeconds": 100000}}, "spec.warmPool.keepAliveSeconds"),
     ({"warmPool": {"pool": "Not_A_Name"}}, "spec.warmPool.pool"),
     ({"storage": {"secretRef": {"name": "UPPER"}}}, "spec.storage.secretRef.name"),

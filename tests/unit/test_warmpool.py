@@ -506,8 +506,9 @@ class TestMachine:
         status = decide(RLHFJobStatus(), Observed()).status
         foreign = observed_cluster(name="job-a-ray", owner=OTHER_UID)
         d = decide(status, Observed(cluster=foreign))
-        assert d.status.phase == "Failed"
+        assert d.status.phase == "Provisioning"  # waits for it to go; never adopts it
         assert names.CLUSTER_CONFLICT in [c.reason for c in d.status.conditions]
+        assert "DeleteCluster" not in kinds(d)
 
     @pytest.mark.parametrize(
         ("phase", "rayjob_reason", "ray_state", "pooled"),
@@ -525,9 +526,13 @@ class TestMachine:
         ours = observed_cluster(name="job-a-ray", owner=UID, ray_state=ray_state)
         last = RayJobObservation(
             "job-a-sft-1",
-            job_status="SUCCEEDED" if phase == "Succeeded" else "",
+            # AppFailed: the Ray job itself FAILED; SubmissionFailed: no verdict from Ray
+            job_status={"Succeeded": "SUCCEEDED", "AppFailed": "FAILED"}.get(
+                phase if phase == "Succeeded" else rayjob_reason, ""
+            ),
             deployment_status="Complete" if phase == "Succeeded" else "Failed",
             reason=rayjob_reason,
+            owner_uids=(UID,),
         )
         d = decide(finished(phase), Observed(cluster=ours, rayjob=last))
         if pooled:
@@ -535,8 +540,8 @@ class TestMachine:
             labels = d.actions[0].patch["metadata"]["labels"]
             assert labels[wp.LABEL_SIGNATURE] == wp.pool_signature(job())
             assert labels[wp.LABEL_STATE] == wp.STATE_AVAILABLE
-        else:
-            assert kinds(d) == ["DeleteCluster"]
+        else:  # (a RayJob whose Ray job may still run is deleted too: KubeRay stops it)
+            assert kinds(d)[-1:] == ["DeleteCluster"] and "ReleaseCluster" not in kinds(d)
 
     def test_no_keep_alive_deletes(self) -> None:
         ours = observed_cluster(name="job-a-ray", owner=UID)
@@ -545,7 +550,9 @@ class TestMachine:
 
     def test_a_stage_still_running_on_a_finished_jobs_cluster_delays_pooling(self) -> None:
         ours = observed_cluster(name="job-a-ray", owner=UID)
-        stopping = RayJobObservation("job-a-sft-1", "RUNNING", "Running", deleting=True)
+        stopping = RayJobObservation(
+            "job-a-sft-1", "RUNNING", "Running", deleting=True, owner_uids=(UID,)
+        )
         d = decide(finished("Failed"), Observed(cluster=ours, rayjob=stopping))
         assert kinds(d) == []  # neither pooled (a stage still runs there) nor deleted: wait
 
@@ -572,7 +579,7 @@ class TestMachine:
         status.cluster.name = "job-a-ray"
         status.stages["sft"] = StageStatus(state="Running", attempts=1, ray_job="job-a-sft-1")
         ours = observed_cluster(name="job-a-ray", owner=UID)
-        running = RayJobObservation("job-a-sft-1", "RUNNING", "Running")
+        running = RayJobObservation("job-a-sft-1", "RUNNING", "Running", owner_uids=(UID,))
         d = machine.finalize(
             job(), status, Observed(cluster=ours, rayjob=running), NOW, NOW - since
         )

@@ -291,6 +291,14 @@ class ClusterSpec(ApiModel):
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="Ray head pod.")
     workers: WorkerSpec = Field(default_factory=WorkerSpec, description="Ray worker group.")
+    provision_timeout_seconds: int = Field(
+        default=1800,
+        ge=60,
+        le=86400,
+        description="Fail the job when its RayCluster is not ready this long after it was "
+        "requested (unschedulable GPUs, image pull errors, a missing ServiceAccount), with "
+        "KubeRay's reason; the partly scheduled cluster is deleted.",
+    )
 
 
 # --------------------------------------------------------------------------- parallelism, policy
@@ -345,6 +353,13 @@ class RunPolicy(ApiModel):
     )
     suspend: bool = Field(
         default=False, description="Suspend: stop the running stage and release the cluster."
+    )
+    keep_attempts: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Finished RayJobs (with their submitter pods and logs) kept per stage, "
+        "newest first; older attempts' RayJobs are deleted.",
     )
 
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from rlhf_operator.api.common import ApiModel
 
 Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
-StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+StageState = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -117,6 +117,11 @@ class ClusterStatus(ApiModel):
     reused: bool = Field(default=False, description="Claimed from a warm pool.")
     dashboard_url: str | None = Field(
         default=None, alias="dashboardURL", description="Ray dashboard URL inside the cluster."
+    )
+    waiting_since: str | None = Field(
+        default=None,
+        description="When the job began waiting for this cluster to be ready (cleared once it "
+        "is); spec.cluster.provisionTimeoutSeconds counts from here.",
     )
 
 

@@ -16,6 +16,7 @@ from rlhf_operator import builders, names, warmpool
 from rlhf_operator.api import is_terminal
 from rlhf_operator.api.status import ClusterStatus
 from rlhf_operator.reconcile import kuberay
+from rlhf_operator.reconcile.conditions import get_condition, parse_time, timestamp
 from rlhf_operator.reconcile.draft import Draft
 from rlhf_operator.reconcile.model import (
     ClaimCluster,
@@ -39,7 +40,8 @@ class Readiness(enum.Enum):
 
     READY = "Ready"
     WAITING = "Waiting"  # being claimed, created, deleted or provisioned: come back later
-    CONFLICT = "Conflict"  # its name is taken by a RayCluster that is not the job's
+    CONFLICT = "Conflict"  # its name is taken by a RayCluster that is not the job's: wait
+    TIMED_OUT = "TimedOut"  # not ready within spec.cluster.provisionTimeoutSeconds
 
 
 # --------------------------------------------------------------------------- acquire
@@ -128,8 +130,26 @@ def _reclaim(d: Draft, cluster: ClusterObservation | None) -> None:
 
 def ensure_cluster(d: Draft) -> Readiness:
     """READY when the recorded cluster is ours and ready; else create it or wait for it
-    (WAITING), or CONFLICT: its name is taken by a cluster that is not the job's (the caller
-    fails the job)."""
+    (WAITING), or CONFLICT: its name is taken by a cluster that is not the job's (never
+    adopted nor deleted: the caller waits for it to go), or TIMED_OUT: the job has waited
+    `spec.cluster.provisionTimeoutSeconds` for a ready cluster (the caller fails it).
+
+    `status.cluster.waitingSince` records when the wait began; it is cleared once ready.
+    """
+    since = d.status.cluster.waiting_since
+    readiness = _ensure(d)
+    if readiness is Readiness.READY:
+        d.status.cluster.waiting_since = None
+        return readiness
+    d.status.cluster.waiting_since = since or timestamp(d.now)
+    timeout = timedelta(seconds=d.job.spec.cluster.provision_timeout_seconds)
+    started = parse_time(since)
+    if started is not None and d.now - started >= timeout:
+        return Readiness.TIMED_OUT
+    return readiness
+
+
+def _ensure(d: Draft) -> Readiness:
     name = d.status.cluster.name
     cluster = d.observed.cluster
     if name is None:
@@ -148,6 +168,18 @@ def ensure_cluster(d: Draft) -> Readiness:
         acquire_cluster(d)
         return Readiness.WAITING
     if not cluster.owned_by(d.name, d.uid):
+        owners = ", ".join(cluster.owner_uids) or "none"
+        message = (
+            f"Waiting for RayCluster {name} to go: it exists but is not this RLHFJob's "
+            f"(owner uids: {owners}; this job's: {d.uid}), e.g. left by an earlier RLHFJob of "
+            "the same name that the garbage collector has not removed yet. If it stays, delete "
+            "it or give this job another name."
+        )
+        current = get_condition(d.status, names.COND_CLUSTER_READY)
+        if current is None or current.reason != names.CLUSTER_CONFLICT:
+            d.warning(names.CLUSTER_CONFLICT, message)
+        d.condition(names.COND_CLUSTER_READY, False, names.CLUSTER_CONFLICT, message)
+        d.status.message = message
         return Readiness.CONFLICT
     if cluster.deleting:
         d.condition(
@@ -162,7 +194,9 @@ def ensure_cluster(d: Draft) -> Readiness:
             names.COND_CLUSTER_READY,
             False,
             CLUSTER_PROVISIONING,
-            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}).",
+            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}"
+            + (f"; {cluster.message}" if cluster.message else "")
+            + ").",
         )
         return Readiness.WAITING
     return Readiness.READY

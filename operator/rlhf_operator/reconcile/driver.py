@@ -88,12 +88,25 @@ def observe(
     pool: Iterable[warmpool.PoolCluster] = (),
 ) -> Observed:
     """The job's children as the indexes last saw them (the cluster named in status, else the
-    deterministic one, and the current attempt's RayJob), and the warm clusters it may claim."""
+    deterministic one, the current attempt's RayJob and the earlier attempts' that remain), and
+    the warm clusters it may claim. Found by name; whether each is the job's is the machine's
+    question (its owner uids)."""
     cluster_name = status.cluster.name or names.cluster_name(job)
     stage = status.stages.get(status.stage or "")
     cluster: ClusterObservation | None = _first(clusters, namespace, cluster_name)
     rayjob: RayJobObservation | None = _first(rayjobs, namespace, stage and stage.ray_job)
-    return Observed(cluster=cluster, rayjob=rayjob, pool=tuple(pool))
+    earlier = [
+        _first(rayjobs, namespace, names.rayjob_name(job, name, attempt))
+        for name, st in status.stages.items()
+        for attempt in range(1, st.attempts + 1)
+        if names.rayjob_name(job, name, attempt) != (stage and stage.ray_job)
+    ]
+    return Observed(
+        cluster=cluster,
+        rayjob=rayjob,
+        pool=tuple(pool),
+        earlier=tuple(r for r in earlier if r is not None),
+    )
 
 
 def _pool_of(pool: Index | None, job: RLHFJob) -> Iterable[warmpool.PoolCluster]:
@@ -107,17 +120,33 @@ def _pinnable(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {key: spec.get(key) for key in PINNED_FIELDS}
 
 
+def starts_over(body: Mapping[str, Any]) -> bool:
+    """The job (re)starts from scratch on this reconcile: it never started (Pending), or it
+    failed on an invalid spec that was since edited (`machine.reconcile` starts it over)."""
+    status = RLHFJobStatus.model_validate(body.get("status") or {})
+    if status.phase == "Pending":
+        return True
+    valid = next((c for c in status.conditions if c.type == names.COND_VALID), None)
+    return (
+        status.phase == "Failed"
+        and valid is not None
+        and valid.status == "False"
+        and (body.get("metadata") or {}).get("generation") != status.observed_generation
+    )
+
+
 def effective_manifest(body: Mapping[str, Any]) -> tuple[dict[str, Any], bool, str | None]:
     """The manifest the job runs with: its live spec, but the stages and cluster it started with.
 
     Returns (manifest, whether the live stages/cluster differ from the pinned ones, the pin to
-    record when there is none yet).
+    record when there is none yet). A job that starts over is pinned again, to its live spec:
+    a job fixed after it failed rebuilds from the fixed spec, not from the one it failed with.
     """
     meta = body.get("metadata") or {}
     spec = dict(body.get("spec") or {})
     pinned = (meta.get("annotations") or {}).get(names.ANNOTATION_PINNED_SPEC)
     manifest = {k: v for k, v in body.items() if k != "status"}
-    if pinned is None:
+    if pinned is None or starts_over(body):
         return {**manifest, "spec": spec}, False, json.dumps(_pinnable(spec), sort_keys=True)
     started_with = json.loads(pinned)
     changed = started_with != _pinnable(spec)
@@ -132,9 +161,15 @@ def decide(
     now: datetime,
     pool: Index | None = None,
 ) -> tuple[RLHFJobStatus, Decision]:
-    """Validate and run the state machine (no I/O): (the status read, the decision)."""
+    """Validate and run the state machine (no I/O): (the status read, the decision).
+
+    A job being deleted is the finalizer's (`finalize_job`): decide leaves it as it is, so a
+    timer tick racing the deletion never creates a child or a retry for it.
+    """
     meta = body.get("metadata") or {}
     status = RLHFJobStatus.model_validate(body.get("status") or {})
+    if meta.get("deletionTimestamp"):
+        return status, Decision(status=status.model_copy(deep=True))
     generation = meta.get("generation")
     manifest, changed, pin = effective_manifest(body)
     job, problems = validate(manifest)

@@ -9,6 +9,8 @@ A RayJob has two statuses that drift apart: `jobStatus` (the Ray job, from the d
     FAILED / STOPPED          any                      failed
     other or empty            Failed                   failed (e.g. SubmissionFailed, no jobStatus)
     other or empty            Complete                 failed (completed without a verdict)
+    any                       ValidationFailed         rejected (KubeRay refused the RayJob's
+                                                       spec: terminal, never retried)
     other or empty            anything else            running (Initializing, Running, ...)
 """
 
@@ -33,6 +35,9 @@ JOB_STOPPED = "STOPPED"
 # RayJob: jobDeploymentStatus
 DEPLOYMENT_COMPLETE = "Complete"
 DEPLOYMENT_FAILED = "Failed"
+DEPLOYMENT_VALIDATION_FAILED = "ValidationFailed"
+# RayCluster conditions that say why it is not ready (KubeRay's raycluster_types.go)
+COND_REPLICA_FAILURE = "ReplicaFailure"  # True: KubeRay could not create a pod (e.g. no SA)
 
 MESSAGE_LIMIT = 400  # KubeRay messages can carry a driver's traceback; status keeps the gist
 
@@ -41,6 +46,7 @@ class Outcome(enum.Enum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    REJECTED = "Rejected"  # ValidationFailed: retrying the same RayJob cannot help
 
 
 def _conditions(status: Mapping[str, Any]) -> dict[str, str]:
@@ -59,6 +65,26 @@ def cluster_ready(status: Mapping[str, Any]) -> bool:
     return provisioned and conditions.get(COND_HEAD_POD_READY) != "False"
 
 
+def cluster_problem(status: Mapping[str, Any]) -> str | None:
+    """Why KubeRay says the cluster is not ready: its `reason` and the failing conditions
+    (`ReplicaFailure` True, `HeadPodReady` / `RayClusterProvisioned` False) with their own
+    reasons and messages; None when it says nothing."""
+    parts = [status["reason"]] if status.get("reason") else []
+    for c in status.get("conditions") or []:
+        failing = c.get("type") == COND_REPLICA_FAILURE and c.get("status") == "True"
+        failing |= c.get("type") in (COND_HEAD_POD_READY, COND_PROVISIONED) and (
+            c.get("status") == "False"
+        )
+        detail = ": ".join(p for p in (c.get("reason"), c.get("message")) if p)
+        if failing and detail:
+            parts.append(f"{c['type']}: {detail}")
+    return shorten("; ".join(parts)) if parts else None
+
+
+def _owner_uids(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(ref.get("uid", "") for ref in meta.get("ownerReferences") or [])
+
+
 def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
@@ -68,8 +94,8 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
         state=status.get("state"),
         deleting=bool(meta.get("deletionTimestamp")),
         job_label=(meta.get("labels") or {}).get(names.LABEL_JOB),
-        owner_uids=tuple(ref.get("uid", "") for ref in meta.get("ownerReferences") or []),
-        message=status.get("reason"),
+        owner_uids=_owner_uids(meta),
+        message=cluster_problem(status),
         pool=warmpool.observe(body),
     )
 
@@ -77,6 +103,7 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
 def observe_rayjob(body: Mapping[str, Any]) -> RayJobObservation:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
+    labels = meta.get("labels") or {}
     return RayJobObservation(
         name=meta.get("name", ""),
         job_status=status.get("jobStatus") or "",
@@ -84,6 +111,9 @@ def observe_rayjob(body: Mapping[str, Any]) -> RayJobObservation:
         reason=status.get("reason") or "",
         message=status.get("message") or "",
         deleting=bool(meta.get("deletionTimestamp")),
+        owner_uids=_owner_uids(meta),
+        stage=labels.get(names.LABEL_STAGE, ""),
+        attempt=int(labels.get(names.LABEL_ATTEMPT) or 0),
     )
 
 
@@ -98,6 +128,9 @@ def shorten(message: str, limit: int = MESSAGE_LIMIT, head: int = 120) -> str:
 def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
     """The outcome of a RayJob and, for a failure, why (see the table in the module docstring)."""
     job, deployment = rayjob.job_status, rayjob.deployment_status
+    if deployment == DEPLOYMENT_VALIDATION_FAILED:
+        detail = rayjob.message or rayjob.reason or "no message"
+        return Outcome.REJECTED, shorten(f"KubeRay rejected RayJob {rayjob.name}: {detail}")
     if job == JOB_SUCCEEDED:
         return Outcome.SUCCEEDED, ""
     if job in (JOB_FAILED, JOB_STOPPED) or deployment in (DEPLOYMENT_FAILED, DEPLOYMENT_COMPLETE):
@@ -110,3 +143,12 @@ def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
 
 def is_finished(rayjob: RayJobObservation) -> bool:
     return rayjob_outcome(rayjob)[0] is not Outcome.RUNNING
+
+
+def ray_job_stopped(rayjob: RayJobObservation) -> bool:
+    """No driver of it can be running: the Ray job ended (SUCCEEDED/FAILED/STOPPED) or KubeRay
+    never submitted one. A RayJob whose deployment failed while its Ray job still RUNS
+    (SubmissionFailed: the submitter gave up, the driver did not) is not stopped."""
+    if rayjob.job_status in (JOB_SUCCEEDED, JOB_FAILED, JOB_STOPPED):
+        return True
+    return rayjob.deployment_status == DEPLOYMENT_VALIDATION_FAILED

@@ -41,11 +41,14 @@ from rlhf_operator.reconcile.draft import Draft
 from rlhf_operator.reconcile.model import (
     CreateRayJob,
     Decision,
+    DeleteCluster,
     DeleteJob,
     DeleteRayJob,
     Event,
     Observed,
     PinSpec,
+    RayJobObservation,
+    ReleaseCluster,
 )
 
 SUSPENDED = "Suspended"
@@ -118,6 +121,7 @@ def reconcile(
         "Running": _run,
         "Suspended": _suspended,
     }[d.status.phase](d, pinned_spec)
+    _prune(d)
     return d.decision()
 
 
@@ -170,17 +174,32 @@ def finalize(
 
 
 def _cluster_ready(d: Draft) -> bool:
-    """True when the recorded cluster is ours and ready (see `ensure_cluster`); a cluster of
-    another owner at its name fails the job."""
+    """True when the recorded cluster is ours and ready (see `ensure_cluster`); one not ready
+    within spec.cluster.provisionTimeoutSeconds fails the job with what KubeRay says."""
     readiness = ensure_cluster(d)
-    if readiness is Readiness.CONFLICT:
-        _fail(
-            d,
-            names.CLUSTER_CONFLICT,
-            f"RayCluster {d.status.cluster.name} already exists and does not belong to this "
-            "RLHFJob; delete it or give the job another name.",
-        )
+    if readiness is Readiness.TIMED_OUT:
+        _provision_timed_out(d)
     return readiness is Readiness.READY
+
+
+def _provision_timed_out(d: Draft) -> None:
+    """Fail with KubeRay's reason and delete the partly scheduled cluster (if it is ours)."""
+    name, cluster = d.status.cluster.name, d.observed.cluster
+    waiting = get_condition(d.status, names.COND_CLUSTER_READY)
+    why = (cluster.message if cluster is not None else None) or (
+        waiting.message if waiting is not None else "no RayCluster status yet"
+    )
+    timeout = d.job.spec.cluster.provision_timeout_seconds
+    _fail(
+        d,
+        names.PROVISION_TIMEOUT,
+        f"RayCluster {name} was not ready within spec.cluster.provisionTimeoutSeconds "
+        f"({timeout}s): {why}. Fix what this names (GPU quota or node pool, image, "
+        "serviceAccountName), then delete and re-create the RLHFJob, or raise the timeout.",
+    )
+    if cluster is not None and cluster.owned_by(d.name, d.uid) and not cluster.deleting:
+        d.actions[:] = [a for a in d.actions if not isinstance(a, DeleteCluster | ReleaseCluster)]
+        d.actions.append(DeleteCluster(cluster.name))  # never to the warm pool: it never worked
 
 
 def _start(d: Draft, pinned_spec: str | None) -> None:
@@ -201,6 +220,7 @@ def _start(d: Draft, pinned_spec: str | None) -> None:
     s.phase = "Provisioning"
     s.message = "Creating the Ray cluster."
     acquire_cluster(d)
+    s.cluster.waiting_since = timestamp(d.now)  # spec.cluster.provisionTimeoutSeconds from here
     d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, "Cluster requested.")
 
 
@@ -268,6 +288,12 @@ def _run(d: Draft, _: str | None) -> None:
             names.COND_CLUSTER_READY, False, "HeadPodNotReady", f"{cluster.name} is not ready."
         )
     rayjob = d.observed.rayjob
+    if rayjob is not None and not rayjob.owned_by(d.uid):
+        _foreign_rayjob(d, rayjob)
+        return
+    if st.state == "Retrying":
+        _retry_when_stopped(d, stage)
+        return
     if rayjob is None:
         manifest = builders.build_stage_rayjob(d.job, stage, st.attempts, s.cluster.name, d.owner())
         d.actions.append(CreateRayJob(manifest))  # recorded but not seen yet: ensure it
@@ -277,6 +303,44 @@ def _run(d: Draft, _: str | None) -> None:
         _stage_succeeded(d, stage)
     elif outcome is kuberay.Outcome.FAILED:
         _stage_failed(d, stage, why)
+    elif outcome is kuberay.Outcome.REJECTED:
+        _stage_failed(
+            d,
+            stage,
+            f"{why} (ValidationFailed: not retried; a KubeRay older than this operator needs, "
+            "or a spec.cluster value KubeRay refuses: fix what the message names and re-create "
+            "the RLHFJob)",
+            retry=False,
+        )
+
+
+def _foreign_rayjob(d: Draft, rayjob: RayJobObservation) -> None:
+    """A RayJob at the attempt's name that is not the job's (left by an earlier RLHFJob of the
+    same name): never adopted (its outcome is not ours), never deleted; wait for it to go."""
+    owners = ", ".join(rayjob.owner_uids) or "none"
+    message = (
+        f"Waiting for RayJob {rayjob.name} to go: it exists but is not this RLHFJob's (owner "
+        f"uids: {owners}; this job's: {d.uid}), e.g. an earlier RLHFJob of the same name being "
+        "cleaned up. If it stays, delete it or give this job another name."
+    )
+    if d.status.message != message:
+        d.warning(names.RAYJOB_CONFLICT, message)
+    d.status.message = message
+
+
+def _retry_when_stopped(d: Draft, stage: str) -> None:
+    """Attempt N failed and is being deleted: start N+1 only once N's RayJob is gone (KubeRay's
+    finalizer stops its Ray job first), so two drivers never share the GPUs and checkpoints."""
+    st, rayjob = d.stage(stage), d.observed.rayjob
+    if rayjob is None:
+        _start_attempt(d, stage, announce=False)
+        return
+    if not rayjob.deleting:
+        d.actions.append(DeleteRayJob(rayjob.name))
+    d.status.message = (
+        f"Stage {stage}: waiting for RayJob {rayjob.name} (attempt {st.attempts}) to stop "
+        f"before attempt {st.attempts + 1} starts."
+    )
 
 
 def _stage_succeeded(d: Draft, stage: str) -> None:
@@ -305,24 +369,33 @@ def _stage_succeeded(d: Draft, stage: str) -> None:
     release_cluster(d)
 
 
-def _stage_failed(d: Draft, stage: str, why: str) -> None:
+def _stage_failed(d: Draft, stage: str, why: str, *, retry: bool = True) -> None:
+    """Retry (up to backoffLimit) or fail the job. A retry starts at once when the failed
+    attempt's Ray job ended; when it may still run (SubmissionFailed: the submitter gave up,
+    the driver did not), its RayJob is deleted first and the retry waits (`Retrying`)."""
     st = d.stage(stage)
     st.failures += 1
     st.message = why
     limit = d.job.spec.run_policy.backoff_limit
-    if st.failures <= limit:
+    if retry and st.failures <= limit:
         d.warning(
             names.STAGE_RETRIED,
             f"Stage {stage} attempt {st.attempts} failed: {why}. Retrying ({st.failures} of "
             f"{limit} retries), resuming from its last checkpoint.",
         )
-        _start_attempt(d, stage, announce=False)
+        rayjob = d.observed.rayjob
+        if rayjob is None or kuberay.ray_job_stopped(rayjob):
+            _start_attempt(d, stage, announce=False)
+            return
+        st.state = "Retrying"
+        _retry_when_stopped(d, stage)
         return
     st.state, st.completion_time = "Failed", timestamp(d.now)
     message = f"Stage {stage} failed after {st.attempts} attempt(s): {why}"
     d.condition(names.stage_condition(stage), False, names.STAGE_FAILED, message)
     d.warning(names.STAGE_FAILED, message)
-    _fail(d, names.STAGE_FAILED, message + " (spec.runPolicy.backoffLimit reached).")
+    limit_note = " (spec.runPolicy.backoffLimit reached)." if retry else "."
+    _fail(d, names.STAGE_FAILED, message + limit_note)
 
 
 def _fail(d: Draft, reason: str, message: str) -> None:
@@ -330,7 +403,7 @@ def _fail(d: Draft, reason: str, message: str) -> None:
     s = d.status
     s.phase, s.message, s.completion_time = "Failed", message, timestamp(d.now)
     stage = s.stages.get(s.stage or "")
-    if stage is not None and stage.state == "Running":
+    if stage is not None and stage.state in ("Running", "Retrying"):
         stage.state, stage.completion_time = "Failed", timestamp(d.now)
         stage.message = message
     d.condition(names.COND_FAILED, True, reason, message)
@@ -341,17 +414,40 @@ def _fail(d: Draft, reason: str, message: str) -> None:
 
 
 def _stop_rayjob(d: Draft) -> None:
+    """Delete the current attempt's RayJob while its Ray job may run (only if it is ours)."""
     rayjob = d.observed.rayjob
-    if rayjob is not None and not rayjob.deleting and not kuberay.is_finished(rayjob):
+    if (
+        rayjob is not None
+        and rayjob.owned_by(d.uid)
+        and not rayjob.deleting
+        and not (kuberay.is_finished(rayjob) and kuberay.ray_job_stopped(rayjob))
+    ):
         d.actions.append(DeleteRayJob(rayjob.name))
+
+
+def _prune(d: Draft) -> None:
+    """Delete earlier attempts' RayJobs (ours, finished) beyond runPolicy.keepAttempts per
+    stage, newest kept; the RayJob of a stage's current attempt always stays."""
+    keep = d.job.spec.run_policy.keep_attempts
+    for rayjob in d.observed.earlier:
+        st = d.status.stages.get(rayjob.stage)
+        if (
+            st is not None
+            and rayjob.owned_by(d.uid)
+            and not rayjob.deleting
+            and rayjob.attempt <= st.attempts - keep
+            and kuberay.ray_job_stopped(rayjob)
+        ):
+            d.actions.append(DeleteRayJob(rayjob.name))
 
 
 def _suspend(d: Draft) -> None:
     """Stop the running stage and release the cluster; the stage reruns on resume."""
     s = d.status
     _stop_rayjob(d)
-    if s.stage and s.stages.get(s.stage) and s.stages[s.stage].state == "Running":
+    if s.stage and s.stages.get(s.stage) and s.stages[s.stage].state in ("Running", "Retrying"):
         s.stages[s.stage].state = "Pending"  # not a failure: resume starts a new attempt
+    s.cluster.waiting_since = None  # the provisioning deadline restarts on resume
     s.phase, s.message = "Suspended", "Suspended by spec.runPolicy.suspend."
     d.condition(names.COND_CLUSTER_READY, False, SUSPENDED, "The job is suspended.")
     d.normal(names.JOB_SUSPENDED, "Job suspended: running stage stopped, cluster released.")
@@ -378,6 +474,7 @@ def _suspended(d: Draft, pinned_spec: str | None) -> None:
 def _finished(d: Draft) -> None:
     """Succeeded or Failed: make sure nothing keeps running; expire after the TTL."""
     _stop_rayjob(d)
+    _prune(d)
     release_cluster(d, announce=False)
     ttl = d.job.spec.run_policy.ttl_seconds_after_finished
     finished = parse_time(d.status.completion_time)

@@ -19,12 +19,13 @@ class ClusterObservation:
     deleting: bool = False
     job_label: str | None = None
     owner_uids: tuple[str, ...] = ()
-    message: str | None = None
+    message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
 
     def owned_by(self, job: str, uid: str | None) -> bool:
-        """Ours: owned by the job's uid, or (no uid known) labelled with the job's name."""
-        if uid and self.owner_uids:
+        """Ours: owned by the job's uid, never by name alone (a cluster left by an earlier job
+        of the same name carries our label); only when the job's uid is unknown, its label."""
+        if uid:
             return uid in self.owner_uids
         return self.job_label == job
 
@@ -39,15 +40,25 @@ class RayJobObservation:
     reason: str = ""
     message: str = ""
     deleting: bool = False
+    owner_uids: tuple[str, ...] = ()
+    stage: str = ""
+    attempt: int = 0
+
+    def owned_by(self, uid: str | None) -> bool:
+        """Ours only when owned by the job's uid: a RayJob at our name left by an earlier job
+        of the same name (behind KubeRay's finalizer or the garbage collector) is not."""
+        return uid is None or uid in self.owner_uids
 
 
 @dataclass(frozen=True)
 class Observed:
-    """The children of one job, as last seen: its cluster and the current attempt's RayJob."""
+    """The children of one job, as last seen: its cluster, the current attempt's RayJob and
+    the earlier attempts' RayJobs that still exist (pruned after `runPolicy.keepAttempts`)."""
 
     cluster: ClusterObservation | None = None
     rayjob: RayJobObservation | None = None
     pool: tuple[PoolCluster, ...] = ()  # available warm clusters with the job's signature
+    earlier: tuple[RayJobObservation, ...] = ()
 
 
 # --------------------------------------------------------------------------- actions
