@@ -62,6 +62,13 @@ FRAMEWORK_PERMISSIONS: tuple[ApiCall, ...] = (
     ApiCall(CORE, "namespaces", "watch"),
 )
 
+ADMISSION_PERMISSIONS: tuple[ApiCall, ...] = (
+    # No request, but an admission rule: OwnerReferencesPermissionEnforcement (OpenShift,
+    # hardened clusters) lets a child name an owner with blockOwnerDeletion=true (every child
+    # we make: builders.owner_reference) only for whoever may update that owner's finalizers.
+    ApiCall(GROUP, f"{PLURAL}/finalizers", "update"),
+)
+
 
 def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Register a function as making exactly this kind of request."""
@@ -74,9 +81,10 @@ def api_call(group: str, resource: str, verb: str) -> Callable[[Callable[P, R]],
 
 
 def permissions() -> dict[tuple[str, str], list[str]]:
-    """(group, resource) -> sorted verbs: everything the operator does, framework included."""
+    """(group, resource) -> sorted verbs: everything the operator does, framework and admission
+    rules included."""
     rules: dict[tuple[str, str], set[str]] = {}
-    for call in (*API_CALLS.values(), *FRAMEWORK_PERMISSIONS):
+    for call in (*API_CALLS.values(), *FRAMEWORK_PERMISSIONS, *ADMISSION_PERMISSIONS):
         rules.setdefault((call.group, call.resource), set()).add(call.verb)
     return {key: sorted(verbs) for key, verbs in sorted(rules.items())}
 

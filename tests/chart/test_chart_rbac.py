@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,46 @@ def test_trainer_role_grants_exactly_what_progress_reporting_uses(render: Render
 def test_trainer_gets_nothing_cluster_wide(render: Render, kind: str) -> None:
     for doc in by_kind(render(), kind):
         assert "trainer" not in doc["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def _blocking_owner_kinds() -> set[str]:
+    """Owner kinds named with blockOwnerDeletion=true by the children the operator makes
+    (RayCluster, stage RayJob, a warm-pool claim's ownerReferences)."""
+    sys.path.insert(0, str(REPO / "tests" / "operator"))
+    from kube_sim import sample_job
+    from rlhf_operator import builders, warmpool
+    from rlhf_operator.api import RLHFJob
+
+    job = RLHFJob.model_validate(sample_job())
+    meta = {"name": job.metadata.name, "namespace": "team-a", "uid": "u-1"}
+    owner = builders.owner_reference(meta)
+    children = [
+        builders.build_raycluster(job, "c", owner)["metadata"],
+        builders.build_stage_rayjob(job, "sft", 1, "c", owner)["metadata"],
+        warmpool.claim_patch("1", meta)["metadata"],
+    ]
+    return {
+        ref["kind"]
+        for child in children
+        for ref in child["ownerReferences"]
+        if ref.get("blockOwnerDeletion")
+    }
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespace=team-a",)], ids=["cluster", "namespace"])
+def test_owner_references_permission_enforcement_admits_every_child(
+    render: Render, sets: tuple[str, ...]
+) -> None:
+    """The admission rule itself (kubernetes plugin/pkg/admission/gc): setting
+    blockOwnerDeletion=true on a reference to an owner of kind K needs `update` on
+    K's `finalizers` subresource. Checked from the manifests the builders make."""
+    plural_of = {KIND: PLURAL}  # every owner kind the operator may name, resolved to its plural
+    kinds = _blocking_owner_kinds()
+    assert kinds, "the children set blockOwnerDeletion (else this test checks nothing)"
+    docs = render(*sets)
+    grants = granted(operator_role(docs, "Role" if sets else "ClusterRole"))
+    for kind in kinds:
+        assert (GROUP, f"{plural_of[kind]}/finalizers", "update") in grants, kind
