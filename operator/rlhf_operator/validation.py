@@ -41,7 +41,7 @@ def validate(
     try:
         job = RLHFJob.from_manifest(body)
     except ValidationError as error:
-        return None, format_validation_error(error, root="").splitlines()
+        return None, format_validation_error(error, root="", model=RLHFJob).splitlines()
     problems = semantic_problems(job, for_cluster=for_cluster)
     return (None, problems) if problems else (job, [])
 

@@ -63,6 +63,26 @@ def test_schema_errors_name_the_field(spec: dict, field: str) -> None:
     assert any(field in p for p in problems(**spec)), problems(**spec)
 
 
+UNKNOWN_FIELDS = [
+    ({"stage": {}}, "spec.stage: unknown field; did you mean spec.stages?"),
+    ({"stages": {"sft": {"epocs": 2}}}, "did you mean spec.stages.sft.epochs?"),
+    ({"cluster": {"workers": {"replica": 2}}}, "did you mean spec.cluster.workers.replicas?"),
+    ({"parallelism": {"zerostage": 2}}, "did you mean spec.parallelism.zeroStage?"),
+    (
+        {"cluster": {"workers": {"tolerations": [{"efect": "NoSchedule"}]}}},
+        "spec.cluster.workers.tolerations[0].efect: unknown field; did you mean "
+        "spec.cluster.workers.tolerations[0].effect?",
+    ),
+    ({"zzz": 1}, "spec.zzz: unknown field; remove it or check its spelling."),
+]
+
+
+@pytest.mark.parametrize(("spec", "text"), UNKNOWN_FIELDS, ids=[t for _, t in UNKNOWN_FIELDS])
+def test_unknown_fields_suggest_the_nearest_valid_name(spec: dict, text: str) -> None:
+    """The operator's Valid=False message and `rlhf validate` share this text."""
+    assert any(text in p for p in problems(**spec)), problems(**spec)
+
+
 RULE_ERRORS = [
     ({"stages": {"sft": {"dataset": None}}}, "spec.stages.sft.dataset is required"),
     ({"stages": {"reward": {"dataset": None}}}, "spec.stages.reward.dataset is required"),

@@ -47,9 +47,8 @@ def parse_job(manifest: Any, origin: str = "manifest") -> RLHFJob:
     try:
         return RLHFJob.model_validate(manifest)
     except ValidationError as exc:
-        raise UserError(
-            f"{origin} is not a valid RLHFJob:\n{format_validation_error(exc, root='')}"
-        ) from None
+        problems = format_validation_error(exc, root="", model=RLHFJob)
+        raise UserError(f"{origin} is not a valid RLHFJob:\n{problems}") from None
 
 
 def job_to_json(job: RLHFJob) -> str:
