@@ -1,10 +1,13 @@
 """The `rlhf` command (and `python -m rlhf_trainer`).
 
+    rlhf validate job.yaml [--local|--cluster]
+        check a manifest offline (schema, CEL rules, the operator's checks; local paths)
     rlhf run job.yaml [--output DIR] [--resume] [--verbose]
         the whole job locally: one local Ray, every enabled stage, progress bars, summary.json
     rlhf stage <sft|reward|ppo|evaluation> --job '<RLHFJob JSON>'|job.yaml
                [--attempt N] [--resume-from URI]
-        one stage: what a stage RayJob runs (CONTRACTS.md §1); attaches to the running Ray
+        one stage: what a stage RayJob runs (docs/CONTRACTS.md §1); attaches to the running Ray
+    rlhf --version
 
 Exit codes: 0 success, 1 the stage failed, 2 bad input (the message, naming the spec field, is
 the last line on stderr).
@@ -18,6 +21,7 @@ import logging
 import sys
 
 from rlhf_operator.api import STAGE_ORDER
+from rlhf_operator.manifest import validate_file, version
 
 from rlhf_trainer.jobspec import UserError
 
@@ -27,7 +31,20 @@ EXIT_USER_ERROR = 2
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="rlhf", description="RLHF trainer (Ray Train + DeepSpeed).")
+    root.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = root.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("validate", help="check a manifest offline (no Ray, no cluster)")
+    check.add_argument("manifest", help="RLHFJob manifest (YAML or JSON file)")
+    where = check.add_mutually_exclusive_group()
+    for target, when in (("local", "local"), ("cluster", "s3:// or pvc://")):
+        where.add_argument(
+            f"--{target}",
+            dest="target",
+            action="store_const",
+            const=target,
+            help=f"check it for a {target} run (default for {when} storage)",
+        )
 
     run = commands.add_parser("run", help="run a whole RLHFJob locally")
     run.add_argument("manifest", help="RLHFJob manifest (YAML or JSON file)")
@@ -81,6 +98,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "validate":  # before anything imports torch or ray
+        code, report = validate_file(args.manifest, args.target or "auto")
+        print(report, file=sys.stderr if code else sys.stdout)
+        return code
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rlhf_trainer.launcher import StageFailed
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rlhf_operator.api.storage import local_path
+from rlhf_operator.manifest import local_path_problems
 
 from rlhf_trainer.artifacts import CHECKPOINTS_DIR, Artifact
 from rlhf_trainer.jobspec import (
@@ -99,6 +100,9 @@ def prepare(manifest: str, output: str | None) -> tuple[Any, Path]:
             f"spec.storage.uri: {job.spec.storage.uri} is not a local directory; `rlhf run` "
             "writes locally: pass --output DIR (or set a local path)."
         )
+    missing = local_path_problems(job)  # before Ray starts, and before a path reads as an HF id
+    if missing:
+        raise UserError("\n".join(missing))
     job = with_absolute_paths(job)
     return job, Path(local_path(job.spec.storage.uri))
 
@@ -113,13 +117,12 @@ def run_local(
     out: TextIO = sys.stdout,
 ) -> LocalRun:
     """Run every enabled stage of the manifest locally; write and return the summary."""
-    import ray
-
     started = time.perf_counter()
     job, output_dir = prepare(manifest, output)
     stages = job.spec.enabled_stages()
     for stage in stages:  # every input checked before any worker starts
         preflight(job, stage, check_upstream=False)
+    import ray  # after the checks: a bad manifest fails fast
     parallelism = job.spec.parallelism
     print(
         f"rlhf run: job {job.metadata.name}: {' → '.join(stages)} on "

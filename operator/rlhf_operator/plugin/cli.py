@@ -1,4 +1,5 @@
-"""`kubectl rlhf`: list, status, describe and logs of RLHFJobs (a kubectl plugin).
+"""`kubectl rlhf`: list, status, describe and logs of RLHFJobs, and validate a manifest offline
+(a kubectl plugin).
 
 Installed as the console script `kubectl-rlhf`; kubectl runs any `kubectl-<name>` on PATH as
 `kubectl <name>`. kubectl passes no flags to plugins, so `-n`, `--context` and `--kubeconfig`
@@ -19,6 +20,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from rlhf_operator import names
+from rlhf_operator.manifest import validate_file, version
 from rlhf_operator.plugin.hints import job_hints
 from rlhf_operator.plugin.kube import SUBMITTER_CONTAINER, Kube, PluginError, api_error, connect
 from rlhf_operator.plugin.render import render_describe, render_list, render_status
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubectl rlhf", description="Watch RLHFJobs: progress, metrics, hints and logs."
     )
     common(root, None)
+    root.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -57,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds = command("describe", "status, plus conditions and the job's events")
     ds.add_argument("job", help="RLHFJob name")
     _output(ds)
+
+    va = command("validate", "check a manifest offline, as the operator would (no cluster needed)")
+    va.add_argument("filename", help="RLHFJob manifest (YAML or JSON file)")
+    va.add_argument("--local", action="store_true",
+                    help="check it for `rlhf run` instead (local storage and paths)")  # fmt: skip
 
     lg = command("logs", "the Ray driver log of a stage (through KubeRay's submitter pod)")
     lg.add_argument("job", help="RLHFJob name")
@@ -161,7 +169,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "status": cmd_status, "describe": cmd_describe, "logs": cmd_logs}
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Offline: a cluster manifest by default (it is about to be applied); exit 2 on a problem."""
+    code, report = validate_file(args.filename, "local" if args.local else "cluster")
+    print(report, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "list": cmd_list,
+    "status": cmd_status,
+    "describe": cmd_describe,
+    "logs": cmd_logs,
+}
 
 
 # ---------------------------------------------------------------------------- helpers
