@@ -123,6 +123,7 @@ def run_local(
     for stage in stages:  # every input checked before any worker starts
         preflight(job, stage, check_upstream=False)
     import ray  # after the checks: a bad manifest fails fast
+
     parallelism = job.spec.parallelism
     print(
         f"rlhf run: job {job.metadata.name}: {' → '.join(stages)} on "
