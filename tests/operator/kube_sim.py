@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp.web
 import attrs
@@ -242,7 +242,37 @@ def stage_of(rayjob: Mapping[str, Any]) -> tuple[str, int]:
     return labels.get(names.LABEL_STAGE, ""), int(labels.get(names.LABEL_ATTEMPT, "0"))
 
 
-class SimulatedKubeRay:
+class TickingController:
+    """A controller stand-in: `step()` every `tick` seconds in a background task while the
+    `async with` block runs; a failing step is logged and the loop goes on, as a real
+    controller's would."""
+
+    tick: float
+    _task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception as exc:  # the test sees the log
+                logging.getLogger(__name__).exception("%s: %s", type(self).__name__, exc)
+            await asyncio.sleep(self.tick)
+
+    async def step(self) -> None:
+        raise NotImplementedError
+
+
+class SimulatedKubeRay(TickingController):
     """Moves RayCluster and RayJob statuses like KubeRay would, over the emulator's HTTP API.
 
     `plan(rayjob) -> Plan` scripts each RayJob (default: every one succeeds in three ticks).
@@ -262,25 +292,6 @@ class SimulatedKubeRay:
         self.plan = plan or always(SUCCEED)
         self.submitted: list[str] = []
         self._age: dict[tuple[str, str, str], int] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> SimulatedKubeRay:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.step()
-            except Exception as exc:  # a real controller keeps going; the test sees the log
-                logging.getLogger(__name__).exception("simulated KubeRay: %s", exc)
-            await asyncio.sleep(self.tick)
 
     def _older(self, kind: str, obj: Mapping[str, Any]) -> int:
         meta = obj["metadata"]

@@ -12,45 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import Any
 
 import yaml
-from kube_sim import CLUSTER_READY, MERGE_PATCH, RAYCLUSTERS, RAYJOBS, RLHFEmulator
+from kube_sim import (
+    CLUSTER_READY,
+    MERGE_PATCH,
+    RAYCLUSTERS,
+    RAYJOBS,
+    RLHFEmulator,
+    TickingController,
+)
 from rlhf_operator import names
 
-log = logging.getLogger(__name__)
 
-
-class RealKubeRay:
+class RealKubeRay(TickingController):
     def __init__(self, api: RLHFEmulator, address: str, *, tick: float = 0.5) -> None:
         from ray.job_submission import JobSubmissionClient
 
         self.api, self.tick = api, tick
         self.client = JobSubmissionClient(address if "://" in address else f"http://{address}")
         self.submitted: dict[str, str] = {}  # RayJob name -> Ray submission id
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> RealKubeRay:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
         for job_id in self.submitted.values():  # never leave a stage running into a later test
             with contextlib.suppress(Exception):
                 self.client.stop_job(job_id)
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.step()
-            except Exception as exc:
-                log.exception("real KubeRay: %s", exc)
-            await asyncio.sleep(self.tick)
 
     async def step(self) -> None:
         ready = set()
