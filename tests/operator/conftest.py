@@ -18,7 +18,13 @@ from pathlib import Path  # noqa: E402
 
 import kmock  # noqa: E402
 import pytest  # noqa: E402
-from kube_sim import OperatorRunner, RLHFEmulator, SimulatedKubeRay, write_kubeconfig  # noqa: E402
+from kube_sim import (  # noqa: E402
+    GarbageCollector,
+    OperatorRunner,
+    RLHFEmulator,
+    SimulatedKubeRay,
+    write_kubeconfig,
+)
 
 
 @pytest.fixture()
@@ -33,8 +39,11 @@ async def api(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RLHFEmulator]:
 
 @pytest.fixture()
 async def kuberay(api: RLHFEmulator) -> AsyncIterator[SimulatedKubeRay]:
-    """Simulated KubeRay; set `kuberay.plan` to script how RayJobs end (default: succeed)."""
-    async with SimulatedKubeRay(api) as sim:
+    """Simulated KubeRay; set `kuberay.plan` to script how RayJobs end (default: succeed).
+
+    Kubernetes' garbage collector runs beside it: children of a deleted owner go, late.
+    """
+    async with SimulatedKubeRay(api) as sim, GarbageCollector(api):
         yield sim
 
 

@@ -6,6 +6,7 @@ conditions, Events, and which RayClusters/RayJobs exist or ever existed.
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -14,6 +15,7 @@ from kube_sim import (
     FAIL,
     HANG,
     JOBS,
+    MERGE_PATCH,
     RAYCLUSTERS,
     RAYJOBS,
     SUCCEED,
@@ -23,6 +25,7 @@ from kube_sim import (
     create_job,
     delete_job,
     eventually,
+    job_url,
     patch_job,
     sample_job,
     stage_of,
@@ -180,10 +183,13 @@ async def test_deleting_a_running_job_stops_its_rayjob_and_deletes_its_cluster(
     await eventually(running(api, "gone-sft-1"))
     assert names.FINALIZER in api.get(JOBS, NS, "gone")["metadata"]["finalizers"]
 
+    uid = api.get(RAYJOBS, NS, "gone-sft-1")["metadata"]["uid"]
     await delete_job(api, NS, "gone")
     await eventually(lambda: api.get(JOBS, NS, "gone") is None)
     assert not api.live(RAYCLUSTERS)
-    assert not api.live(RAYJOBS)
+    # KubeRay's finalizer stops the Ray job, then lets the RayJob go
+    await eventually(lambda: not api.live(RAYJOBS))
+    assert kuberay.runs[uid].status == "STOPPED"
 
 
 async def test_an_invalid_spec_fails_with_a_message_and_creates_nothing(
@@ -193,15 +199,35 @@ async def test_an_invalid_spec_fails_with_a_message_and_creates_nothing(
     await eventually(phase_is(api, "local", "Failed"))
 
     assert conditions(api, "local")["Valid"] == ("False", "InvalidSpec")
-    assert "spec.storage.uri" in status(api, "local")["message"]
+    message = status(api, "local")["message"]
+    assert "spec.storage.uri" in message and "pvc://" in message
+    # spec.storage is immutable (CRD rule): the message says what to do instead of an edit
+    assert "delete it and apply the corrected manifest again" in message
     await eventually(lambda: "InvalidSpec" in api.reasons_for("local"))
     warning = next(e for e in api.events_for("local") if e["reason"] == "InvalidSpec")
     assert warning["type"] == "Warning" and "pvc://" in warning["message"]
     assert ever_existed(api, RAYCLUSTERS) == ever_existed(api, RAYJOBS) == []
 
-    # fixing the spec starts the job
-    await patch_job(api, NS, "local", {"spec": {"storage": {"uri": "s3://bucket/x"}}})
-    await eventually(phase_is(api, "local", "Succeeded"))
+    # ... and the API server refuses the edit, as it would on a real cluster
+    fix = {"spec": {"storage": {"uri": "s3://bucket/x"}}}
+    async with api.patch(job_url(NS, "local"), json=fix, headers=MERGE_PATCH) as resp:
+        assert resp.status == 422
+        assert "spec.storage is immutable" in (await resp.json())["message"]
+
+
+async def test_an_invalid_spec_fixed_by_an_edit_starts_the_job(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    bad = [{"key": "gpu", "operator": "Exists", "value": "a100"}]
+    await create_job(api, sample_job("typo", cluster={"workers": {"tolerations": bad}}))
+    await eventually(phase_is(api, "typo", "Failed"))
+    assert "spec.cluster.workers.tolerations[0].value" in status(api, "typo")["message"]
+
+    good = [{"key": "gpu", "operator": "Exists"}]
+    await patch_job(api, NS, "typo", {"spec": {"cluster": {"workers": {"tolerations": good}}}})
+    await eventually(phase_is(api, "typo", "Succeeded"))
+    pinned = api.get(JOBS, NS, "typo")["metadata"]["annotations"][names.ANNOTATION_PINNED_SPEC]
+    assert json.loads(pinned)["cluster"]["workers"]["tolerations"] == good  # re-pinned
 
 
 async def test_suspend_releases_everything_and_resume_continues_the_stage(

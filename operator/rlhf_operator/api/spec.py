@@ -499,8 +499,13 @@ RULES: tuple[Rule, ...] = (
 # --------------------------------------------------------------------------- the spec
 
 
+IMMUTABLE_FIELDS = ("model", "storage", "parallelism")
+"""spec fields the API server refuses to change once a job exists (CEL `self == oldSelf`)."""
+
+
 def _immutable(field: str) -> dict:
     """CEL transition rule: a running pipeline cannot change what it trains or where."""
+    assert field in IMMUTABLE_FIELDS
     return {
         "x-kubernetes-validations": [
             {

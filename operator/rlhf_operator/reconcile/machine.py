@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from rlhf_operator import builders, names
 from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, is_terminal
 from rlhf_operator.api.columns import progress_column, reward_column
+from rlhf_operator.api.spec import IMMUTABLE_FIELDS
 from rlhf_operator.api.status import EvaluationSummary
 from rlhf_operator.api.storage import artifact_uri
 from rlhf_operator.reconcile import kuberay
@@ -135,6 +136,12 @@ def reject(
     """
     new = status.model_copy(deep=True)
     message = " ".join(problems)
+    frozen = [f"spec.{f}" for f in IMMUTABLE_FIELDS if any(f"spec.{f}" in p for p in problems)]
+    if frozen:  # the API server refuses an edit of these: say so before the user tries
+        message += (
+            f" {' and '.join(frozen)} cannot be changed on an existing RLHFJob: delete it and "
+            "apply the corrected manifest again."
+        )
     events = []
     valid = get_condition(new, names.COND_VALID)
     if valid is None or valid.status != "False" or valid.message != message:
