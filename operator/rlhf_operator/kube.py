@@ -11,6 +11,7 @@ does for us: watching, its annotations and finalizer, posting Events.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -120,6 +121,18 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
         if _client is None:
             raise RuntimeError("rlhf_operator.kube.configure() was not called")
         return kubernetes.client.CustomObjectsApi(_client)
+
+
+def _core() -> kubernetes.client.CoreV1Api:
+    with _lock:
+        if _client is None:
+            raise RuntimeError("rlhf_operator.kube.configure() was not called")
+        return kubernetes.client.CoreV1Api(_client)
+
+
+def _items(response: Any) -> list[dict[str, Any]]:
+    """A list's items as plain JSON (the typed models would drop nothing we read, but cost)."""
+    return json.loads(response.data).get("items") or []
 
 
 def _ignoring(status: int) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
@@ -234,6 +247,37 @@ def create_rayjob(manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 @_ignoring(404)
 def delete_rayjob(namespace: str, name: str) -> None:
     _delete(names.RAY_GROUP, names.RAYJOBS, namespace, name)
+
+
+# --------------------------------------------------------------------------- pods, Events
+
+# Read only while a job waits for its cluster: the reason it is not ready is often only there.
+
+
+@api_call(CORE, "pods", "list")
+def list_cluster_pods(namespace: str, cluster: str) -> list[dict[str, Any]]:
+    """The head and worker pods of a RayCluster (KubeRay labels them `ray.io/cluster`)."""
+    return _items(
+        _core().list_namespaced_pod(
+            namespace,
+            label_selector=f"{names.LABEL_RAY_CLUSTER}={cluster}",
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+    )
+
+
+@api_call(CORE, "events", "list")
+def list_pod_warnings(namespace: str, pod: str) -> list[dict[str, Any]]:
+    """Warning Events about one pod (the scheduler's FailedScheduling, the kubelet's pulls)."""
+    return _items(
+        _core().list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod},type=Warning",
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- RLHFJobs

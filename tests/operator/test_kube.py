@@ -54,6 +54,8 @@ CALLS: dict[str, Callable[[], Any]] = {
     "annotate_job": lambda: kube.annotate_job(NS, "demo", {"a": "b"}),
     "get_job": lambda: kube.get_job(NS, "demo"),
     "delete_job": lambda: kube.delete_job(NS, "demo"),
+    "list_cluster_pods": lambda: kube.list_cluster_pods(NS, "c1"),
+    "list_pod_warnings": lambda: kube.list_pod_warnings(NS, "c1-head-x"),
 }
 
 
@@ -63,7 +65,9 @@ def test_every_function_that_calls_the_api_is_registered() -> None:
         for name, fn in inspect.getmembers(kube, inspect.isfunction)
         if fn.__module__ == kube.__name__
         and not name.startswith("_")
-        and any(s in inspect.getsource(fn) for s in ("_custom()", "_create(", "_delete("))
+        and any(
+            s in inspect.getsource(fn) for s in ("_custom()", "_core()", "_create(", "_delete(")
+        )
     }
     assert calls_api == set(kube.API_CALLS)
     assert set(CALLS) == set(kube.API_CALLS), "add a sample call for the new kube function"
@@ -100,5 +104,6 @@ def test_permissions_cover_the_operator_and_kopf() -> None:
     assert rules[("rlhf.dev", "rlhfjobs/status")] == ["patch"]
     assert {"list", "watch", "patch", "delete"} <= set(rules[("rlhf.dev", "rlhfjobs")])
     assert {"create", "delete", "list", "watch"} <= set(rules[("ray.io", "rayjobs")])
-    assert rules[("", "events")] == ["create"]
+    assert rules[("", "events")] == ["create", "list"]  # kopf posts; the operator reads pods'
+    assert rules[("", "pods")] == ["list"]
     assert all(verbs == sorted(set(verbs)) for verbs in rules.values())

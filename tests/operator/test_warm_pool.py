@@ -360,18 +360,18 @@ async def test_a_new_job_named_like_the_pool_clusters_first_job_gets_its_own_clu
     await finished_and_pooled(api, "again", "again-ray")
     await delete_job(api, NS, "again")
     await eventually(lambda: api.get(JOBS, NS, "again") is None)
-    # The garbage collector (which the emulator lacks) deletes the first job's RayJobs; until
-    # it has, the new job waits for them (they are not its own: never adopted).
-    for rayjob in api.live(RAYJOBS, NS):
-        if first["metadata"]["uid"] in [r["uid"] for r in rayjob["metadata"]["ownerReferences"]]:
-            url = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/{rayjob['metadata']['name']}"
-            async with api.delete(url) as resp:
-                assert resp.status < 300, await resp.text()
-
+    # Its RayJob "again-sft-1" is still there until the garbage collector (late) removes it.
+    assert api.get(RAYJOBS, NS, "again-sft-1")["metadata"]["ownerReferences"][0]["uid"] == (
+        first["metadata"]["uid"]
+    )
     created = await create_job(api, job("again", cluster={"image": "registry.example/t:2"}))
     await eventually(phase_is(api, "again", "Succeeded"))
     assert ran_on(api, "again") == (f"again-{created['metadata']['uid'][:5]}-ray", False)
     assert pooled(api, "again-ray")()  # the pool's cluster was left alone
+    # its own stage ran (the first job's RayJob at that name was never adopted)
+    rayjob = api.get(RAYJOBS, NS, "again-sft-1")
+    assert rayjob["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert kuberay.submitted.count("again-sft-1") == 2
 
 
 # --------------------------------------------------------------------------- helpers

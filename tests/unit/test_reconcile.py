@@ -381,13 +381,22 @@ def test_a_finished_job_keeps_releasing_a_cluster_that_survived() -> None:
 
 
 def test_an_invalid_spec_fails_with_one_warning_and_no_actions() -> None:
-    d = reject(RLHFJobStatus(), ["spec.storage.uri: local path"], NOW, 1)
+    d = reject(RLHFJobStatus(), ["spec.stages.sft.epochs: too many"], NOW, 1)
     assert d.status.phase == "Failed" and d.actions == []
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "InvalidSpec")]
     valid = next(c for c in d.status.conditions if c.type == "Valid")
-    assert (valid.status, valid.message) == ("False", "spec.storage.uri: local path")
-    again = reject(d.status, ["spec.storage.uri: local path"], NOW, 1)
+    assert (valid.status, valid.message) == ("False", "spec.stages.sft.epochs: too many")
+    again = reject(d.status, ["spec.stages.sft.epochs: too many"], NOW, 1)
     assert again.events == [] and status_patch(d.status, again.status) == {}
+
+
+def test_an_invalid_immutable_field_says_to_recreate_the_job() -> None:
+    # the API server refuses an edit of spec.storage (CEL self == oldSelf): an edit cannot fix it
+    d = reject(RLHFJobStatus(), ["spec.storage.uri: local path"], NOW, 1)
+    assert d.status.message == (
+        "spec.storage.uri: local path spec.storage cannot be changed on an existing RLHFJob: "
+        "delete it and apply the corrected manifest again."
+    )
 
 
 def test_a_fixed_spec_starts_over() -> None:

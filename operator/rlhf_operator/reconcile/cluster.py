@@ -194,8 +194,8 @@ def _ensure(d: Draft) -> Readiness:
             names.COND_CLUSTER_READY,
             False,
             CLUSTER_PROVISIONING,
-            f"Waiting for {name} to be ready (state: {cluster.state or 'none yet'}"
-            + (f"; {cluster.message}" if cluster.message else "")
+            f"Waiting for RayCluster {name} to be ready (state: {cluster.state or 'none yet'}"
+            + (f"; {cluster.why}" if cluster.why else "")
             + ").",
         )
         return Readiness.WAITING

@@ -21,6 +21,7 @@ it only re-ensures what that status records.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -227,6 +228,7 @@ def _reconcile_once(
     A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
+    clusters = explain_waiting(body, clusters)
     status, decision = decide(body, clusters, rayjobs, now, pool)
     body, claimed = apply(body, status, decision, post, now)
     if claimed is None:
@@ -235,6 +237,37 @@ def _reconcile_once(
     status, decision = decide(body, clusters, rayjobs, now, pool)
     apply(body, status, decision, post, now)
     return decision
+
+
+def explain_waiting(body: Mapping[str, Any], clusters: Index) -> Index:
+    """The clusters index, with what the pods say about the job's cluster while the job waits
+    for it to be ready (only then: a list of its pods, and of Warning Events for at most
+    `kuberay.EXPLAINED_PODS` of them). KubeRay's conditions name few reasons (an unschedulable
+    GPU worker leaves its head ready); the scheduler and the kubelet say the rest."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    namespace, name = meta.get("namespace"), (status.get("cluster") or {}).get("name")
+    if status.get("phase") != "Provisioning" or not name or meta.get("deletionTimestamp"):
+        return clusters
+    cluster: ClusterObservation | None = _first(clusters, namespace, name)
+    if (
+        cluster is None
+        or cluster.ready
+        or cluster.deleting
+        or not cluster.owned_by(meta.get("name", ""), meta.get("uid"))
+    ):
+        return clusters
+    try:
+        pods = kube.list_cluster_pods(namespace, name)
+        warnings = {p: kube.list_pod_warnings(namespace, p) for p in kuberay.pods_to_explain(pods)}
+    except ApiException as exc:  # e.g. 403 from an older chart's RBAC: the wait goes on unexplained
+        logger.info(
+            "cannot read the pods of RayCluster %s/%s: HTTP %s", namespace, name, exc.status
+        )
+        return clusters
+    problem = kuberay.pod_problem(pods, warnings)
+    if problem is None:
+        return clusters
+    return {**clusters, (namespace, name): (dataclasses.replace(cluster, pod_problem=problem),)}
 
 
 def apply(

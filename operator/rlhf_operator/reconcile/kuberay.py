@@ -81,6 +81,78 @@ def cluster_problem(status: Mapping[str, Any]) -> str | None:
     return shorten("; ".join(parts)) if parts else None
 
 
+# Pods: what Kubernetes says about the ones not running yet (the scheduler, the kubelet)
+WAITING_REASONS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
+     "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+)  # fmt: skip
+EXPLAINED_PODS = 2  # pods whose Events are read per reconcile: the first stuck head and worker
+
+
+def _stuck(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [])  # fmt: skip
+    return not (status.get("phase") == "Running" and ready)
+
+
+def _node_type(pod: Mapping[str, Any]) -> str:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get("ray.io/node-type", "")
+
+
+def pods_to_explain(pods: list[Mapping[str, Any]]) -> list[str]:
+    """Names of the pods whose Warning Events are worth a read: the first stuck pod of each
+    node type (head first), at most `EXPLAINED_PODS`."""
+    chosen: dict[str, str] = {}
+    for pod in sorted(pods, key=lambda p: _node_type(p) != "head"):
+        if _stuck(pod):
+            chosen.setdefault(_node_type(pod), pod["metadata"]["name"])
+    return list(chosen.values())[:EXPLAINED_PODS]
+
+
+def _status_reason(pod: Mapping[str, Any]) -> str:
+    """`<reason>: <message>` from a stuck pod's own status (PodScheduled False, a waiting
+    container), or its phase."""
+    status = pod.get("status") or {}
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return f"{c.get('reason') or 'Unschedulable'}: {c.get('message') or 'not scheduled'}"
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in WAITING_REASONS:
+            return f"{waiting['reason']}: {waiting.get('message') or cs.get('name', '')}"
+    return f"{status.get('phase') or 'Pending'}"
+
+
+def _event_reason(warnings: list[Mapping[str, Any]]) -> str | None:
+    """`<reason>: <message>` of the latest Warning Event (the scheduler's, the kubelet's)."""
+    said = [e for e in warnings if e.get("message")]
+    if not said:
+        return None
+    latest = max(said, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return f"{latest.get('reason') or 'Warning'}: {latest['message']}"
+
+
+def pod_problem(
+    pods: list[Mapping[str, Any]], warnings: Mapping[str, list[Mapping[str, Any]]]
+) -> str | None:
+    """What keeps a cluster's pods from running, one part per distinct reason, naming a pod
+    and how many more share it (`warnings`: pod name -> its Warning Events, read for the pods
+    `pods_to_explain` chose; their words win over the pod's own status)."""
+    groups: dict[str, list[str]] = {}
+    for pod in sorted(pods, key=lambda p: _node_type(p) != "head"):
+        if _stuck(pod):
+            groups.setdefault(_status_reason(pod), []).append(pod["metadata"]["name"])
+    parts = []
+    for reason, pod_names in groups.items():
+        told = next((r for n in pod_names if (r := _event_reason(list(warnings.get(n) or [])))),
+                    None)  # fmt: skip
+        named = next((n for n in pod_names if warnings.get(n)), pod_names[0])
+        more = f" (and {len(pod_names) - 1} more)" if len(pod_names) > 1 else ""
+        parts.append(f"pod {named}{more}: {told or reason}")
+    return shorten("; ".join(parts)) if parts else None
+
+
 def _owner_uids(meta: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(ref.get("uid", "") for ref in meta.get("ownerReferences") or [])
 

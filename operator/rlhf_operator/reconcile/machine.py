@@ -193,7 +193,7 @@ def _provision_timed_out(d: Draft) -> None:
     """Fail with KubeRay's reason and delete the partly scheduled cluster (if it is ours)."""
     name, cluster = d.status.cluster.name, d.observed.cluster
     waiting = get_condition(d.status, names.COND_CLUSTER_READY)
-    why = (cluster.message if cluster is not None else None) or (
+    why = (cluster.why if cluster is not None else None) or (
         waiting.message if waiting is not None else "no RayCluster status yet"
     )
     timeout = d.job.spec.cluster.provision_timeout_seconds

@@ -21,6 +21,13 @@ class ClusterObservation:
     owner_uids: tuple[str, ...] = ()
     message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
+    pod_problem: str | None = None  # what its pods and their Warning Events say (not ready)
+
+    @property
+    def why(self) -> str | None:
+        """Why it is not ready, as KubeRay and the pods tell it (None: nobody says)."""
+        parts = [p for p in (self.message, self.pod_problem) if p]
+        return "; ".join(parts) or None
 
     def owned_by(self, job: str, uid: str | None) -> bool:
         """Ours: owned by the job's uid, never by name alone (a cluster left by an earlier job
