@@ -38,12 +38,16 @@ async def api(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RLHFEmulator]:
 
 
 @pytest.fixture()
-async def kuberay(api: RLHFEmulator) -> AsyncIterator[SimulatedKubeRay]:
-    """Simulated KubeRay; set `kuberay.plan` to script how RayJobs end (default: succeed).
+async def gc(api: RLHFEmulator) -> AsyncIterator[GarbageCollector]:
+    """Kubernetes' garbage collector: children of a deleted owner go, late (`gc.paused`)."""
+    async with GarbageCollector(api) as collector:
+        yield collector
 
-    Kubernetes' garbage collector runs beside it: children of a deleted owner go, late.
-    """
-    async with SimulatedKubeRay(api) as sim, GarbageCollector(api):
+
+@pytest.fixture()
+async def kuberay(api: RLHFEmulator, gc: GarbageCollector) -> AsyncIterator[SimulatedKubeRay]:
+    """Simulated KubeRay; set `kuberay.plan` to script how RayJobs end (default: succeed)."""
+    async with SimulatedKubeRay(api) as sim:
         yield sim
 
 

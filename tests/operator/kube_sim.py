@@ -433,9 +433,12 @@ class GarbageCollector(TickingController):
 
     def __init__(self, api: RLHFEmulator, *, delay: float = 1.0, tick: float = 0.1) -> None:
         self.api, self.delay, self.tick = api, delay, tick
+        self.paused = False  # a test holds the collector (it may lag for minutes on a real one)
         self._orphaned: dict[str, float] = {}  # uid -> when its owners were found gone
 
     async def step(self) -> None:
+        if self.paused:
+            return
         live = [obj for _, obj in self._objects()]
         uids = {obj["metadata"].get("uid") for obj in live}
         now = time.monotonic()
@@ -705,7 +708,9 @@ def _provisioning(cluster: str, problem: Provisioning | None) -> dict[str, Any]:
     """A RayCluster's status while its pods come up (raycluster_controller.go calculateStatus):
     no `state`; HeadPodReady False with the head pod's Ready reason ("Unknown" before it has
     one); RayClusterProvisioned False; ReplicaFailure True when a pod could not be created."""
-    head_ready = {"type": "HeadPodReady", "status": "False", "reason": "Unknown"}
+    head_ready: dict[str, str] = {"type": "HeadPodReady", "status": "False", "reason": "Unknown"}
+    if problem is not None and problem.workers_unschedulable:
+        head_ready = {"type": "HeadPodReady", "status": "True", "reason": "HeadPodRunningAndReady"}
     if problem is not None and problem.image_pull:
         head_ready = {
             **head_ready,
@@ -766,40 +771,33 @@ def _pod(
 
 
 def _pending_pod(container: str, node_type: str, problem: Provisioning | None) -> dict:
-    if problem is not None and problem.workers_unschedulable and node_type == "worker":
+    """A new pod's status as the scheduler and kubelet leave it while `problem` holds."""
+    if problem is not None and problem.workers_unschedulable:
+        if node_type == "head":
+            return RUNNING_POD  # the head asks for no GPU: it runs
         return {
             "phase": "Pending",
             "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": problem.workers_unschedulable,
-                }
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": problem.workers_unschedulable},
             ],
-        }
+        }  # fmt: skip
     if problem is not None and problem.image_pull:
         waiting = {
             "reason": "ImagePullBackOff",
-            "message": problem.image_pull.replace(
-                "Failed to pull image", "Back-off pulling image", 1
-            ),
+            "message": problem.image_pull.replace("Failed to pull image", "Back-off pulling image"),
         }
         return {
             "phase": "Pending",
             "conditions": [
                 {"type": "PodScheduled", "status": "True"},
-                {
-                    "type": "Ready",
-                    "status": "False",
-                    "reason": "ContainersNotReady",
-                    "message": f"containers with unready status: [{container}]",
-                },
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                 "message": f"containers with unready status: [{container}]"},
             ],
             "containerStatuses": [
                 {"name": container, "ready": False, "state": {"waiting": waiting}}
             ],
-        }
+        }  # fmt: skip
     return {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
 
 

@@ -17,6 +17,7 @@ from kube_sim import (
     RAYCLUSTERS,
     RAYJOBS,
     SUCCEED,
+    GarbageCollector,
     OperatorRunner,
     RLHFEmulator,
     SimulatedKubeRay,
@@ -353,18 +354,22 @@ async def test_deleting_a_job_without_keep_alive_deletes_its_cluster(
 
 
 async def test_a_new_job_named_like_the_pool_clusters_first_job_gets_its_own_cluster(
-    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, gc: GarbageCollector, operator: OperatorRunner
 ) -> None:
     # "again-ray" waits in the pool for another shape; a new job "again" cannot use that name.
     first = await create_job(api, job("again"))
     await finished_and_pooled(api, "again", "again-ray")
+    gc.paused = True  # the garbage collector is late: the first job's RayJob stays a while
     await delete_job(api, NS, "again")
     await eventually(lambda: api.get(JOBS, NS, "again") is None)
-    # Its RayJob "again-sft-1" is still there until the garbage collector (late) removes it.
-    assert api.get(RAYJOBS, NS, "again-sft-1")["metadata"]["ownerReferences"][0]["uid"] == (
-        first["metadata"]["uid"]
-    )
+    old = api.get(RAYJOBS, NS, "again-sft-1")
+    assert old["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+
     created = await create_job(api, job("again", cluster={"image": "registry.example/t:2"}))
+    # its cluster is its own; its RayJob's name is taken by the first job's: it waits
+    await eventually(lambda: names.RAYJOB_CONFLICT in api.reasons_for("again"))
+    assert api.get(RAYJOBS, NS, "again-sft-1")["metadata"]["uid"] == old["metadata"]["uid"]
+    gc.paused = False
     await eventually(phase_is(api, "again", "Succeeded"))
     assert ran_on(api, "again") == (f"again-{created['metadata']['uid'][:5]}-ray", False)
     assert pooled(api, "again-ray")()  # the pool's cluster was left alone

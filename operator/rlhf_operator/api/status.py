@@ -99,6 +99,12 @@ class StageStatus(ApiModel):
         default=None, description="Checkpoint step the current attempt resumed from."
     )
     message: str | None = Field(default=None, description="Last failure reason.")
+    waiting_since: str | None = Field(
+        default=None,
+        description="When the current attempt began waiting for its RayJob name to be free "
+        "(a RayJob left there by an earlier RLHFJob of the same name); "
+        "spec.cluster.provisionTimeoutSeconds bounds the wait.",
+    )
     progress: Progress | None = Field(default=None, description="Live progress.")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Latest metrics (loss, accuracy, reward, kl, ...)."

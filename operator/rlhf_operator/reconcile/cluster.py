@@ -190,14 +190,14 @@ def _ensure(d: Draft) -> Readiness:
         )
         return Readiness.WAITING
     if not cluster.ready:
-        d.condition(
-            names.COND_CLUSTER_READY,
-            False,
-            CLUSTER_PROVISIONING,
+        message = (
             f"Waiting for RayCluster {name} to be ready (state: {cluster.state or 'none yet'}"
             + (f"; {cluster.why}" if cluster.why else "")
-            + ").",
+            + ")."
         )
+        d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, message)
+        if d.status.phase == "Provisioning":
+            d.status.message = message  # `kubectl get rlhf` shows it (the MESSAGE column)
         return Readiness.WAITING
     return Readiness.READY
 

@@ -125,12 +125,14 @@ def _status_reason(pod: Mapping[str, Any]) -> str:
 
 
 def _event_reason(warnings: list[Mapping[str, Any]]) -> str | None:
-    """`<reason>: <message>` of the latest Warning Event (the scheduler's, the kubelet's)."""
+    """`<reason>: <message>` of the most telling Warning Event (the scheduler's, the
+    kubelet's): the longest message, since the kubelet follows `Failed to pull image "x":
+    <why>` with a bare `Error: ErrImagePull`."""
     said = [e for e in warnings if e.get("message")]
     if not said:
         return None
-    latest = max(said, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-    return f"{latest.get('reason') or 'Warning'}: {latest['message']}"
+    telling = max(said, key=lambda e: len(e["message"]))
+    return f"{telling.get('reason') or 'Warning'}: {telling['message']}"
 
 
 def pod_problem(

@@ -192,11 +192,22 @@ def _cluster_ready(d: Draft) -> bool:
 def _provision_timed_out(d: Draft) -> None:
     """Fail with KubeRay's reason and delete the partly scheduled cluster (if it is ours)."""
     name, cluster = d.status.cluster.name, d.observed.cluster
+    timeout = d.job.spec.cluster.provision_timeout_seconds
+    if cluster is not None and not cluster.owned_by(d.name, d.uid):
+        owners = ", ".join(cluster.owner_uids) or "none"
+        _fail(
+            d,
+            names.CLUSTER_CONFLICT,
+            f"RayCluster {name} belongs to another owner (owner uids: {owners}; this job's: "
+            f"{d.uid}) and was not removed within spec.cluster.provisionTimeoutSeconds "
+            f"({timeout}s): delete it (kubectl delete raycluster {name} -n {d.namespace}) or "
+            "re-create this RLHFJob under another name.",
+        )
+        return
     waiting = get_condition(d.status, names.COND_CLUSTER_READY)
     why = (cluster.why if cluster is not None else None) or (
         waiting.message if waiting is not None else "no RayCluster status yet"
     )
-    timeout = d.job.spec.cluster.provision_timeout_seconds
     _fail(
         d,
         names.PROVISION_TIMEOUT,
@@ -296,8 +307,9 @@ def _run(d: Draft, _: str | None) -> None:
         )
     rayjob = d.observed.rayjob
     if rayjob is not None and not rayjob.owned_by(d.uid):
-        _foreign_rayjob(d, rayjob)
+        _foreign_rayjob(d, stage, rayjob)
         return
+    st.waiting_since = None
     if st.state == "Retrying":
         _retry_when_stopped(d, stage)
         return
@@ -321,14 +333,32 @@ def _run(d: Draft, _: str | None) -> None:
         )
 
 
-def _foreign_rayjob(d: Draft, rayjob: RayJobObservation) -> None:
+def _foreign_rayjob(d: Draft, stage: str, rayjob: RayJobObservation) -> None:
     """A RayJob at the attempt's name that is not the job's (left by an earlier RLHFJob of the
-    same name): never adopted (its outcome is not ours), never deleted; wait for it to go."""
+    same name, behind KubeRay's finalizer or the garbage collector): never adopted (its outcome
+    is not ours), never deleted; wait for it to go, for at most provisionTimeoutSeconds."""
+    st = d.stage(stage)
+    st.waiting_since = st.waiting_since or timestamp(d.now)
     owners = ", ".join(rayjob.owner_uids) or "none"
+    fix = (
+        f"delete it (kubectl delete rayjob {rayjob.name} -n {d.namespace}) or re-create this "
+        "RLHFJob under another name"
+    )
+    timeout = d.job.spec.cluster.provision_timeout_seconds
+    waited = d.now - (parse_time(st.waiting_since) or d.now)
+    if waited >= timedelta(seconds=timeout):
+        _fail(
+            d,
+            names.RAYJOB_CONFLICT,
+            f"RayJob {rayjob.name} (stage {stage}) belongs to another owner (owner uids: "
+            f"{owners}; this job's: {d.uid}) and was not removed within "
+            f"spec.cluster.provisionTimeoutSeconds ({timeout}s): {fix}.",
+        )
+        return
     message = (
         f"Waiting for RayJob {rayjob.name} to go: it exists but is not this RLHFJob's (owner "
         f"uids: {owners}; this job's: {d.uid}), e.g. an earlier RLHFJob of the same name being "
-        "cleaned up. If it stays, delete it or give this job another name."
+        f"cleaned up. If it stays, {fix}."
     )
     if d.status.message != message:
         d.warning(names.RAYJOB_CONFLICT, message)
