@@ -36,6 +36,8 @@ from rlhf_operator.reconcile.kuberay import (
     MESSAGE_LIMIT,
     Outcome,
     cluster_ready,
+    pod_problem,
+    pods_to_explain,
     rayjob_outcome,
     shorten,
 )
@@ -531,3 +533,75 @@ def test_starting_over_re_pins_the_fixed_spec() -> None:
     assert json.loads(pin.pinned)["cluster"] == {"workers": {"replicas": 4}}
     create = next(a for a in decision.actions if isinstance(a, CreateCluster))
     assert create.manifest["spec"]["workerGroupSpecs"][0]["replicas"] == 4
+
+
+def test_a_foreign_rayjob_is_waited_for_only_until_the_provisioning_deadline() -> None:
+    j, status = running("sft", cluster={"provisionTimeoutSeconds": 60})
+    old = rayjob("demo-sft-1", "RUNNING", "Running", owner_uids=("old-uid",))
+    d = step(j, status, Observed(ready_cluster(), old))
+    assert d.status.stages["sft"].waiting_since == "2026-01-01T12:00:00Z"
+    still = step(j, d.status, Observed(ready_cluster(), old), now=NOW + timedelta(seconds=59))
+    assert still.status.phase == "Running" and still.actions == []
+    late = step(j, d.status, Observed(ready_cluster(), old), now=NOW + timedelta(seconds=60))
+    assert late.status.phase == "Failed"
+    assert "kubectl delete rayjob demo-sft-1 -n ns" in late.status.message
+    assert "DeleteRayJob" not in kinds(late)  # never ours to delete
+    gone = step(j, d.status, Observed(ready_cluster(), None), now=NOW + timedelta(seconds=5))
+    assert gone.status.stages["sft"].waiting_since is None and kinds(gone) == ["CreateRayJob"]
+
+
+def test_a_foreign_cluster_at_our_name_fails_at_the_deadline_naming_it() -> None:
+    j = job(cluster={"provisionTimeoutSeconds": 60})
+    status = step(j, RLHFJobStatus(), pinned_spec="{}").status
+    foreign = ClusterObservation(name="demo-ray", owner_uids=("old-uid",), job_label="demo")
+    d = step(j, status, Observed(cluster=foreign), now=NOW + timedelta(seconds=61))
+    assert d.status.phase == "Failed"
+    assert "RayCluster demo-ray belongs to another owner (owner uids: old-uid" in d.status.message
+    assert "kubectl delete raycluster demo-ray -n ns" in d.status.message
+    assert "DeleteCluster" not in kinds(d)
+
+
+def _pod(name: str, node_type: str, status: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"ray.io/node-type": node_type}},
+            "status": status}  # fmt: skip
+
+
+UNSCHEDULABLE = {
+    "phase": "Pending",
+    "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}],
+}  # fmt: skip
+RUNNING = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+
+
+def test_pod_problems_name_a_pod_and_what_the_scheduler_said() -> None:
+    pods = [
+        _pod("c-head-1", "head", RUNNING),
+        _pod("c-gpu-worker-1", "worker", UNSCHEDULABLE),
+        _pod("c-gpu-worker-2", "worker", UNSCHEDULABLE),
+    ]
+    assert pods_to_explain(pods) == ["c-gpu-worker-1"]  # one read per node type, stuck only
+    assert pod_problem(pods, {}) == (
+        "pod c-gpu-worker-1 (and 1 more): Unschedulable: 0/3 nodes are available: "
+        "3 Insufficient nvidia.com/gpu."
+    )
+    events = {"c-gpu-worker-1": [
+        {"reason": "FailedScheduling", "message": "0/3 nodes are available: 3 Insufficient "
+         "nvidia.com/gpu. preemption: 0/3 nodes are available."},
+    ]}  # fmt: skip
+    assert pod_problem(pods, events).startswith("pod c-gpu-worker-1 (and 1 more): FailedScheduling")
+    assert pod_problem(pods[:1], {}) is None
+
+
+def test_the_most_telling_kubelet_event_wins() -> None:
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'}
+    pod = _pod("c-head-1", "head", {
+        "phase": "Pending",
+        "containerStatuses": [{"name": "ray-head", "state": {"waiting": waiting}}],
+    })  # fmt: skip
+    events = {"c-head-1": [
+        {"reason": "Failed", "message": 'Failed to pull image "x": not found'},
+        {"reason": "Failed", "message": "Error: ErrImagePull"},
+    ]}  # fmt: skip
+    assert pod_problem([pod], events) == 'pod c-head-1: Failed: Failed to pull image "x": not found'
+    assert pod_problem([pod], {}) == 'pod c-head-1: ImagePullBackOff: Back-off pulling image "x"'
