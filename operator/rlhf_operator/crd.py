@@ -34,8 +34,8 @@ PRINTER_COLUMNS = [
     {"name": "Reward", "type": "string", "jsonPath": ".status.reward"},
     {"name": "Cluster", "type": "string", "jsonPath": ".status.cluster.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    # last, as Argo's MESSAGE: why a job waits (its cluster's pods, a name conflict) or failed
-    {"name": "Message", "type": "string", "jsonPath": ".status.message"},
+    # `kubectl get rlhf -o wide`: why a job waits (its cluster's pods, a name conflict) or failed
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 
 RESOURCE_DESCRIPTION = (

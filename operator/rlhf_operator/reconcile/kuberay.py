@@ -28,6 +28,8 @@ CLUSTER_STATE_READY = "ready"
 COND_PROVISIONED = "RayClusterProvisioned"
 COND_HEAD_POD_READY = "HeadPodReady"
 
+# RayJob: KubeRay's finalizer (it stops the Ray job of a deleted RayJob, then lets it go)
+RAYJOB_FINALIZER = "ray.io/rayjob-finalizer"
 # RayJob: jobStatus
 JOB_SUCCEEDED = "SUCCEEDED"
 JOB_FAILED = "FAILED"

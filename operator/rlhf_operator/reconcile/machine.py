@@ -376,7 +376,8 @@ def _retry_when_stopped(d: Draft, stage: str) -> None:
         d.actions.append(DeleteRayJob(rayjob.name))
     d.status.message = (
         f"Stage {stage}: waiting for RayJob {rayjob.name} (attempt {st.attempts}) to stop "
-        f"before attempt {st.attempts + 1} starts."
+        f"before attempt {st.attempts + 1} starts (KubeRay's finalizer {kuberay.RAYJOB_FINALIZER} "
+        "stops its Ray job first; if the RayJob stays, check that the KubeRay operator runs)."
     )
 
 
