@@ -186,7 +186,7 @@ def _ensure(d: Draft) -> Readiness:
             names.COND_CLUSTER_READY,
             False,
             CLUSTER_TERMINATING,
-            f"Waiting for the previous {name} to be deleted.",
+            f"Waiting for the previous RayCluster {name} to be deleted.",
         )
         return Readiness.WAITING
     if not cluster.ready:

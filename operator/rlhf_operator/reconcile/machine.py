@@ -109,7 +109,8 @@ def reconcile(
             d,
             names.DEADLINE_EXCEEDED,
             f"The job ran longer than spec.runPolicy.activeDeadlineSeconds "
-            f"({policy.active_deadline_seconds}s); its running stage was stopped.",
+            f"({policy.active_deadline_seconds}s); its running stage was stopped. Raise the "
+            "deadline in the manifest and re-create the RLHFJob to run it again.",
         )
         return d.decision()
     if policy.suspend and d.status.phase != "Suspended":
@@ -266,7 +267,12 @@ def _start_attempt(d: Draft, stage: str, *, announce: bool = True) -> None:
     st = d.stage(stage)
     attempt = st.attempts + 1
     if attempt > names.MAX_ATTEMPT:
-        _fail(d, names.TOO_MANY_ATTEMPTS, f"Stage {stage} reached {names.MAX_ATTEMPT} attempts.")
+        _fail(
+            d,
+            names.TOO_MANY_ATTEMPTS,
+            f"Stage {stage} reached {names.MAX_ATTEMPT} attempts (retries and resumes), the most "
+            "its RayJob names allow; re-create the RLHFJob to start it over.",
+        )
         return
     rayjob = names.rayjob_name(d.name, stage, attempt)
     st.attempts, st.state, st.ray_job = attempt, "Running", rayjob
