@@ -12,6 +12,10 @@ from rlhf_operator import kube, names
 RECONCILE_INTERVAL = float(os.environ.get("RLHF_RECONCILE_INTERVAL", "5"))
 """Seconds between two reconciles of a job (its timer); tests shorten it."""
 
+EXPLAIN_INTERVAL = 6 * RECONCILE_INTERVAL
+"""Seconds between two reads of a waiting cluster's pods and Events (why it is not ready):
+slower than the reconcile, so many jobs queued for GPUs cost the API server little."""
+
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
 

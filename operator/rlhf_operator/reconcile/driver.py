@@ -24,13 +24,14 @@ import copy
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from rlhf_operator import kube, metrics, names, warmpool
+from rlhf_operator import kube, metrics, names, settings, warmpool
 from rlhf_operator.api import RLHFJob, RLHFJobStatus
 from rlhf_operator.api.job import ObjectMeta
 from rlhf_operator.reconcile import kuberay, machine
@@ -256,6 +257,26 @@ def explain_waiting(body: Mapping[str, Any], clusters: Index) -> Index:
         or not cluster.owned_by(meta.get("name", ""), meta.get("uid"))
     ):
         return clusters
+    problem = _pod_problem(namespace, name)
+    if problem is None:
+        return clusters
+    return {**clusters, (namespace, name): (dataclasses.replace(cluster, pod_problem=problem),)}
+
+
+_explained: dict[tuple[str | None, str], tuple[float, str | None]] = {}
+"""(namespace, cluster) -> (when its pods were last read, what they said): a process-local
+cache, so a waiting cluster's pods are read every `settings.EXPLAIN_INTERVAL`, not every tick."""
+
+
+def _pod_problem(namespace: str | None, name: str) -> str | None:
+    now = time.monotonic()
+    key = (namespace, name)
+    if key in _explained and now - _explained[key][0] < settings.EXPLAIN_INTERVAL:
+        return _explained[key][1]
+    for old in [
+        k for k, (at, _) in _explained.items() if now - at > 10 * settings.EXPLAIN_INTERVAL
+    ]:
+        _explained.pop(old, None)
     try:
         pods = kube.list_cluster_pods(namespace, name)
         warnings = {p: kube.list_pod_warnings(namespace, p) for p in kuberay.pods_to_explain(pods)}
@@ -263,11 +284,10 @@ def explain_waiting(body: Mapping[str, Any], clusters: Index) -> Index:
         logger.info(
             "cannot read the pods of RayCluster %s/%s: HTTP %s", namespace, name, exc.status
         )
-        return clusters
+        return None
     problem = kuberay.pod_problem(pods, warnings)
-    if problem is None:
-        return clusters
-    return {**clusters, (namespace, name): (dataclasses.replace(cluster, pod_problem=problem),)}
+    _explained[key] = (now, problem)
+    return problem
 
 
 def apply(
