@@ -144,8 +144,10 @@ class RLHFEmulator(Emulator):
             return
         old = self.objects[key].raw
         new = _merge(old, data)
-        for path, message in IMMUTABLE_FIELDS:
-            before, after = _at(old, path), _at(new, path)
+        for path, message, schema in IMMUTABLE_FIELDS:
+            # the API server compares the objects as stored, i.e. with the CRD's defaults
+            before = _defaulted(copy.deepcopy(_at(old, path)), schema)
+            after = _defaulted(copy.deepcopy(_at(new, path)), schema)
             if before is not None and after is not None and before != after:
                 field = ".".join(path)
                 raise InvalidError(
@@ -216,9 +218,9 @@ class RLHFEmulator(Emulator):
 
 
 def _transition_rules(schema: Mapping[str, Any], path: tuple[str, ...] = ()) -> list:
-    """(path, message) of every `self == oldSelf` rule in a CRD's structural schema."""
+    """(path, message, schema) of every `self == oldSelf` rule in a CRD's structural schema."""
     rules = [
-        (path, rule["message"])
+        (path, rule["message"], schema)
         for rule in schema.get("x-kubernetes-validations") or []
         if rule.get("rule") == "self == oldSelf"
     ]
@@ -227,7 +229,19 @@ def _transition_rules(schema: Mapping[str, Any], path: tuple[str, ...] = ()) -> 
     return rules
 
 
-IMMUTABLE_FIELDS: list[tuple[tuple[str, ...], str]] = _transition_rules(
+def _defaulted(value: Any, schema: Mapping[str, Any]) -> Any:
+    """`value` with the schema's defaults filled in, as the API server stores an object."""
+    if value is None and "default" in schema:
+        value = copy.deepcopy(schema["default"])
+    if isinstance(value, dict):
+        for name, child in (schema.get("properties") or {}).items():
+            filled = _defaulted(value.get(name), child)
+            if filled is not None:
+                value[name] = filled
+    return value
+
+
+IMMUTABLE_FIELDS: list[tuple[tuple[str, ...], str, Mapping[str, Any]]] = _transition_rules(
     build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 )
 

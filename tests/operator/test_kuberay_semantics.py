@@ -30,6 +30,7 @@ from kube_sim import (
     eventually,
     image_not_found,
     job_url,
+    missing_service_account,
     sample_job,
     stage_of,
 )
@@ -179,6 +180,17 @@ async def test_an_image_that_cannot_be_pulled_is_named_while_the_job_waits(
     await eventually(lambda: "ContainersNotReady" in message() and "(and 2 more)" in message())
     assert "pod pull-ray-head-" in message()
     assert f'Failed to pull image "{image}": rpc error: code = NotFound' in message()
+
+
+async def test_a_missing_service_account_is_named_from_kuberays_replica_failure(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    kuberay.provisioning = lambda cluster: missing_service_account(NS, "trainer")
+    await create_job(api, sample_job("nosa", cluster={"serviceAccountName": "trainer"}))
+    message = lambda: condition(api, "nosa", "ClusterReady").get("message", "")  # noqa: E731
+    await eventually(lambda: "ReplicaFailure: FailedCreateHeadPod" in message())
+    assert 'serviceaccount "trainer" not found' in message()
+    assert not api.live(PODS)  # the API server refused the pods: nothing else to read
 
 
 async def test_a_foreign_rayjob_at_our_name_is_waited_for_only_until_the_deadline(
