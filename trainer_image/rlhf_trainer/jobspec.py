@@ -5,6 +5,7 @@ Import-light (pydantic, yaml): the CLI validates a manifest before anything heav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,16 @@ def job_to_json(job: RLHFJob) -> str:
     return json.dumps(
         job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
     )
+
+
+def spec_digest(job: RLHFJob) -> str:
+    """What a stage's results depend on, as a short digest: the spec without `storage` (where
+    the results are kept; an output directory may move). A stage records it in run.json, so
+    `rlhf run --resume` knows a finished stage ran this very spec."""
+    wire = job.spec.to_wire()
+    wire.pop("storage", None)
+    text = json.dumps(wire, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def has_scheme(uri: str) -> bool:
