@@ -21,7 +21,7 @@ SUMMARY_KEYS = {
     "ppo": {"reward_before", "reward_after", "kl", "seconds"},
     "evaluation": {"win_rate", "mean_reward_sft", "mean_reward_rlhf", "prompts_improved_fraction"},
 }
-# CONTRACTS.md §5
+# docs/CONTRACTS.md §5
 STAGE_METRICS = {
     "sft": {"loss", "eval_loss", "learning_rate"},
     "reward": {"loss", "accuracy", "eval_accuracy", "learning_rate"},

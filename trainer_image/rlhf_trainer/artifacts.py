@@ -1,4 +1,4 @@
-"""A stage's artifacts (CONTRACTS.md §3) on a local path, a pvc:// mount or an object store.
+"""A stage's artifacts (docs/CONTRACTS.md §3) on a local path, a pvc:// mount or an object store.
 
     <artifact>/model/          save_pretrained of the stage's model + tokenizer
     <artifact>/checkpoints/    Ray Train checkpoints, one `step_<n>` directory each

@@ -53,7 +53,7 @@ def parse_job(manifest: Any, origin: str = "manifest") -> RLHFJob:
 
 
 def job_to_json(job: RLHFJob) -> str:
-    """The job as the stage command's --job argument (status omitted, CONTRACTS.md §1)."""
+    """The job as the stage command's --job argument (status omitted, docs/CONTRACTS.md §1)."""
     return json.dumps(
         job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
     )

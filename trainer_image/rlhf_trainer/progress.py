@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
-# Set by the operator's builders in every Ray pod (CONTRACTS.md §2).
+# Set by the operator's builders in every Ray pod (docs/CONTRACTS.md §2).
 JOB_NAME_ENV = "RLHF_JOB_NAME"
 JOB_NAMESPACE_ENV = "RLHF_JOB_NAMESPACE"
 # Set by the local runner (`rlhf run`): where a stage writes the progress file it polls.
