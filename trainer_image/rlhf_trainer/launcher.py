@@ -272,12 +272,19 @@ def finished_result(job: RLHFJob, stage: str) -> StageResult | None:
     run = read_json(artifact.uri_of(RUN_FILE))
     if not run or run.get("spec_digest") != spec_digest(job):
         return None
+    timings = {f"{name}_s": value for name, value in run.get("timings", {}).items()}
+    timings["worker_group_start_s"] = run.get("worker_group_start", 0.0)
     return StageResult(
         stage=stage,
         artifact=artifact.uri,
         metrics=read_json(artifact.uri_of(METRICS_FILE)) or {},
         history=read_jsonl(artifact.uri_of(HISTORY_FILE)),
+        # what the stage took when it ran (its workers' start and loop; teardown is not known)
+        seconds=timings["worker_group_start_s"] + timings.get("loop_s", 0.0),
         total_steps=int(run.get("total_steps", 0)),
+        steps_run=int(run.get("steps_run", 0)),
+        resumed_from_step=run.get("resumed_from_step"),
+        timings=timings,
         skipped=ALREADY_COMPLETE,
     )
 
