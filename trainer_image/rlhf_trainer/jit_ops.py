@@ -4,9 +4,10 @@ worker group will have to compile it.
 On CPU, DeepSpeed's communication backend builds its shared-memory all-reduce op
 (`deepspeed_shm_comm`, DeepSpeed's ShareMemCommBuilder) when the first worker group starts,
 with torch.utils.cpp_extension, into `$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/`. That takes
-40-80 s on two cores, once; the build is reused as long as the sources it was built from (this
-environment's DeepSpeed, torch headers) are the ones on disk. `rlhf run` checks this before the
-first stage so that a silent minute reads as what it is.
+25-80 s on two cores (77 s measured at load average 9, 194 s at 49), once; the build is reused
+as long as the sources it was built from (this environment's DeepSpeed, torch headers) are the
+ones on disk. `rlhf run` checks this before the first stage so that a silent minute reads as
+what it is.
 
 torch's default cache (`~/.cache/torch_extensions/py311_cpu`) is shared by every Python
 environment of the user: two checkouts with different virtual environments then rebuild the op
@@ -89,5 +90,5 @@ def compile_notice(gpus_per_worker: int, env: Mapping[str, str] = os.environ) ->
         return None
     return (
         "deepspeed: compiling its CPU communication op once for this Python environment "
-        f"(40-80 s on 2 cores, before the first stage's workers start; cached in {extensions_dir})"
+        f"(25-80 s on 2 cores, more on a busy machine; cached in {extensions_dir})"
     )
