@@ -4,8 +4,8 @@
 of one attempt of one stage, pointed at that cluster with `clusterSelector`. Both are validated
 against the real KubeRay CRD schemas in tests/unit/test_builders.py.
 
-Security (ARCHITECTURE.md §4b): every pod meets the Kubernetes "restricted" Pod Security profile
-(non-root, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp, only
+Security (docs/ARCHITECTURE.md §5): every pod meets the Kubernetes "restricted" Pod Security
+profile (non-root, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp, only
 emptyDir/PVC volumes). GPUs need no exception: the NVIDIA device plugin hands devices to an
 unprivileged container through the `nvidia.com/gpu` resource. Secrets are referenced by name
 (envFrom), never copied into a manifest.
@@ -127,7 +127,7 @@ def _volumes(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def job_env(job: RLHFJob) -> dict[str, str]:
-    """The job's identity for the trainer (CONTRACTS.md §2), passed per RayJob in its runtime
+    """The job's identity for the trainer (docs/CONTRACTS.md §2), passed per RayJob in its runtime
     env, never baked into the RayCluster: a warm-pool cluster serves many jobs in turn."""
     return {
         "RLHF_JOB_NAME": job.metadata.name,
@@ -258,7 +258,7 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
 
 
 def job_json(job: RLHFJob) -> str:
-    """The RLHFJob as the trainer's `--job` argument (CONTRACTS.md §1): no status, compact."""
+    """The RLHFJob as the trainer's `--job` argument (docs/CONTRACTS.md §1): no status, compact."""
     manifest = {
         "apiVersion": API_VERSION,
         "kind": KIND,

@@ -22,13 +22,12 @@ from typing import Any, Literal
 import yaml
 
 from rlhf_operator.api import RLHFJob
-from rlhf_operator.api.storage import is_cluster_reachable
+from rlhf_operator.api.storage import is_cluster_reachable, looks_local, pvc_claim
 from rlhf_operator.validation import validate
 
 Target = Literal["auto", "local", "cluster"]
 DISTRIBUTION = "rlhf-operator"
 TINY_EXAMPLE = "examples/tiny"
-_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 class ManifestError(Exception):
@@ -70,20 +69,6 @@ def target_of(manifest: dict[str, Any]) -> Literal["local", "cluster"]:
     return "cluster" if isinstance(uri, str) and is_cluster_reachable(uri) else "local"
 
 
-def _looks_local(uri: str, cwd: Path) -> bool:
-    """A local path rather than a Hugging Face id (`gpt2`, `org/name`)."""
-    if "://" in uri:
-        return uri.startswith("file://")
-    first = Path(uri).parts[0] if Path(uri).parts else ""
-    return (
-        os.path.isabs(uri)
-        or uri.startswith((".", "~"))
-        or uri.endswith(_DATA_SUFFIXES)
-        or uri.count("/") >= 2  # a Hugging Face id has at most one
-        or (cwd / first).is_dir()  # `examples/tiny/model` from the repository root
-    )
-
-
 def missing_path(field: str, uri: str, cwd: str | os.PathLike[str] | None = None) -> str:
     """The message for a local path that does not exist: where it was looked for, and the fix."""
     here = Path(cwd or os.getcwd())
@@ -116,8 +101,8 @@ def local_path_problems(job: RLHFJob, cwd: str | os.PathLike[str] | None = None)
         inputs.append(("spec.stages.evaluation.prompts.uri", stages.evaluation.prompts.uri))
     problems = []
     for field, uri in inputs:
-        if not uri or not _looks_local(uri, here):
-            continue
+        if not uri or pvc_claim(uri) or not looks_local(uri, here):
+            continue  # a hub id, or a claim's mount (in the cluster, not here)
         path = Path(os.path.expanduser(uri.removeprefix("file://")))
         if not (path if path.is_absolute() else here / path).exists():
             problems.append(missing_path(field, uri, here))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ SUMMARY_KEYS = {
     "ppo": {"reward_before", "reward_after", "kl", "seconds"},
     "evaluation": {"win_rate", "mean_reward_sft", "mean_reward_rlhf", "prompts_improved_fraction"},
 }
-# CONTRACTS.md §5
+# docs/CONTRACTS.md §5
 STAGE_METRICS = {
     "sft": {"loss", "eval_loss", "learning_rate"},
     "reward": {"loss", "accuracy", "eval_accuracy", "learning_rate"},
@@ -112,3 +113,14 @@ def test_plot_and_timings(run: LocalRun) -> None:
         measured = timings["stages"][stage]
         assert measured["worker_group_start_s"] > 0
         assert measured["deepspeed_init_s"] > 0
+
+
+def test_the_deepspeed_op_the_run_built_reads_as_built(run: LocalRun) -> None:
+    """What `rlhf run` checks before its first stage (rlhf_trainer.jit_ops) against the real
+    build the run's workers left: the next run gets no compile notice."""
+    from rlhf_trainer import jit_ops
+
+    cache = os.environ[jit_ops.EXTENSIONS_ENV]  # set for the local Ray's workers
+    assert (Path(cache) / jit_ops.SHM_OP / "build.ninja").is_file()
+    assert not jit_ops.shm_op_pending(Path(cache))
+    assert jit_ops.compile_notice(0) is None

@@ -61,3 +61,36 @@ def test_ppo_resumes_from_its_own_checkpoints(tiny_run: LocalRun, tiny_dir, tmp_
     assert resumed.metrics["reward_mean"] == pytest.approx(fresh.metrics["reward_mean"], rel=1e-4)
     assert resumed.metrics["kl_coef"] == pytest.approx(fresh.metrics["kl_coef"])
     assert [row["step"] for row in resumed.history] == list(range(1, fresh.total_steps + 1))
+
+
+def test_resume_of_a_finished_output_runs_nothing(tiny_run: LocalRun, tiny_dir, tmp_path) -> None:
+    """`rlhf run --resume` on an output every stage finished: it says so, trains nothing and
+    writes the same summary from the artifacts (no retraining from the last checkpoint)."""
+    import io
+
+    from rlhf_trainer.local import run_local
+    from tiny_jobs import write_manifest
+
+    output = tmp_path / "out"
+    shutil.copytree(tiny_run.output, output)  # a moved output is still the same results
+    runs = {p: p.stat().st_mtime_ns for p in output.glob("tiny-reviews/*/run.json")}
+    manifest = write_manifest(tmp_path / "job.yaml", tiny_manifest(tiny_dir, tmp_path / "unused"))
+    printed = io.StringIO()
+
+    again = run_local(str(manifest), str(output), resume=True, progress_bars=False, out=printed)
+
+    text = printed.getvalue()
+    assert (
+        f"resume: sft, reward, ppo, evaluation already complete in {output}: every stage is "
+        "complete, nothing to run (run without --resume to train again)"
+    ) in text
+    assert "ray: local instance ready" not in text  # no worker started
+    assert "sft: eval loss" in text and "(already complete, not run again)" in text
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs
+    assert again.summary["stages"]["evaluation"] == tiny_run.summary["stages"]["evaluation"]
+    ppo, before = again.summary["stages"]["ppo"], tiny_run.summary["stages"]["ppo"]
+    assert (ppo["reward_before"], ppo["reward_after"]) == (
+        before["reward_before"],
+        before["reward_after"],
+    )
+    assert (output / "training_curves.png").is_file()

@@ -1,6 +1,6 @@
 """`python -m rlhf_trainer stage ... --job '<JSON>'`: the command a stage RayJob runs
-(CONTRACTS.md §1). It attaches to the running Ray cluster (here: the session's local Ray, through
-RAY_ADDRESS, as on a KubeRay head) and exits 0 with the stage's metrics."""
+(docs/CONTRACTS.md §1). It attaches to the running Ray cluster (here: the session's local Ray,
+through RAY_ADDRESS, as on a KubeRay head) and exits 0 with the stage's metrics."""
 
 from __future__ import annotations
 

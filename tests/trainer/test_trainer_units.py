@@ -286,3 +286,75 @@ def test_scoring_log_probs_equal_the_ones_generation_sampled_from(tiny_dir: Path
     torch.testing.assert_close(rescored, at_generation, atol=1e-4, rtol=1e-4)
     untempered = token_logprobs(logits, out.sequences)[0, prompt.shape[1] - 1 :]
     assert not torch.allclose(untempered, at_generation, atol=1e-3)
+
+
+def _finished(job, stage: str, digest: str | None = None, **metrics: float) -> None:
+    """What a stage leaves when it finishes (worker.finish): metrics, history, run.json last."""
+    from rlhf_trainer.artifacts import Artifact
+    from rlhf_trainer.jobspec import spec_digest
+
+    directory = Path(Artifact(job.spec.storage.uri, job.metadata.name, stage).uri)
+    directory.mkdir(parents=True)
+    (directory / "metrics.json").write_text(json.dumps(metrics))
+    (directory / "history.jsonl").write_text(json.dumps({"step": 1, **metrics}) + "\n")
+    run = {"stage": stage, "total_steps": 1, "steps_run": 1}
+    (directory / "run.json").write_text(
+        json.dumps({**run, "spec_digest": digest or spec_digest(job)})
+    )
+
+
+def _tiny_job(root: Path, storage: str = "out", **overrides):
+    from tiny_jobs import tiny_manifest
+
+    return parse_job(tiny_manifest(root / "tiny", root / storage, **overrides))
+
+
+def test_resume_skips_the_finished_stages_of_this_spec_in_order(tmp_path: Path) -> None:
+    from rlhf_trainer.launcher import ALREADY_COMPLETE
+    from rlhf_trainer.local import finished_stages
+
+    job = _tiny_job(tmp_path)
+    _finished(job, "sft", eval_loss=1.3)
+    _finished(job, "reward", eval_accuracy=0.99)
+    _finished(job, "evaluation", win_rate=0.9)  # a leftover: ppo, before it, must run first
+
+    done = finished_stages(job, job.spec.enabled_stages())
+
+    assert list(done) == ["sft", "reward"]
+    assert done["sft"].metrics == {"eval_loss": 1.3} and done["sft"].skipped == ALREADY_COMPLETE
+    assert done["reward"].history == [{"step": 1, "eval_accuracy": 0.99}]
+
+
+def test_resume_reruns_a_stage_finished_under_another_spec(tmp_path: Path) -> None:
+    from rlhf_trainer.jobspec import spec_digest
+    from rlhf_trainer.local import finished_stages
+
+    before = _tiny_job(tmp_path)
+    after = _tiny_job(tmp_path, sft={"maxSteps": 41})
+    moved = _tiny_job(tmp_path, storage="elsewhere")
+    assert spec_digest(after) != spec_digest(before)
+    assert spec_digest(moved) == spec_digest(before)  # where results live is not what they are
+    _finished(before, "sft", eval_loss=1.3)
+
+    assert list(finished_stages(before, ["sft", "reward"])) == ["sft"]
+    assert finished_stages(after, ["sft", "reward"]) == {}
+
+
+def test_resume_says_what_is_complete_and_what_runs_next(tmp_path: Path) -> None:
+    from rlhf_trainer.local import resume_line
+    from rlhf_trainer.summary import stage_line
+
+    all_done = resume_line(["sft", "reward", "ppo", "evaluation"], [], tmp_path)
+    assert all_done.startswith(
+        f"resume: sft, reward, ppo, evaluation already complete in {tmp_path}"
+    )
+    assert "nothing to run (run without --resume to train again)" in all_done
+    partly = resume_line(["sft"], ["reward", "ppo"], tmp_path)
+    assert partly.endswith("(not run again); resuming reward from its checkpoints")
+
+    job = _tiny_job(tmp_path)
+    _finished(job, "sft", eval_loss=1.3)
+    from rlhf_trainer.local import finished_stages
+
+    line = stage_line(finished_stages(job, ["sft"])["sft"])
+    assert line == "sft: eval loss 1.300 → 1.300 (already complete, not run again)"

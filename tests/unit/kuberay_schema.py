@@ -1,4 +1,6 @@
-"""The real KubeRay CRD schemas (../shared/kuberay-crds/) as JSON Schema validators.
+"""The real KubeRay CRD schemas (../shared/kuberay-crds/, or $KUBERAY_CRDS_DIR) as JSON Schema
+validators, and `needs_kuberay_crds`: the one skip for tests that need them, saying where to get
+them.
 
 A CRD's openAPIV3Schema is structural OpenAPI, close to JSON Schema. The conversion: int-or-string
 and nullable become type unions; and every object with declared properties refuses unknown ones
@@ -9,14 +11,42 @@ an unknown field silently, so a misspelt field is a bug we want to see here.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+# ../shared beside a checkout (/work/main), or shared/ inside it; a worktree one level deeper
+# finds neither and says so.
+SEARCHED = [REPO.parent / "shared" / "kuberay-crds", REPO / "shared" / "kuberay-crds"]
+CRDS = Path(
+    os.environ.get("KUBERAY_CRDS_DIR")
+    or next((path for path in SEARCHED if path.is_dir()), SEARCHED[0])
+)
+CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml")
+KUBERAY_RELEASE = "v1.7.0"  # the CRDs the builders are checked against (README: prerequisites)
+WHERE_TO_GET = (
+    f"copy {' and '.join(CRD_FILES)} of KubeRay {KUBERAY_RELEASE} from "
+    f"https://github.com/ray-project/kuberay/tree/{KUBERAY_RELEASE}/ray-operator/config/crd/bases "
+    "(also in the kuberay-operator Helm chart's crds/) into that directory, or point "
+    "KUBERAY_CRDS_DIR at a directory holding them"
+)
+
+
+def missing_crds() -> list[str]:
+    """The upstream CRD files that are not there."""
+    return [name for name in CRD_FILES if not (CRDS / name).is_file()]
+
+
+needs_kuberay_crds = pytest.mark.skipif(
+    bool(missing_crds()),
+    reason=f"upstream KubeRay CRDs not found at {CRDS} ({', '.join(missing_crds())}): "
+    + WHERE_TO_GET,
+)
 
 
 def _convert(node: Any) -> Any:

@@ -14,14 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
 
 from kube_sim import sample_job
-from kuberay_schema import CRDS, errors
+from kuberay_schema import errors, needs_kuberay_crds
 from rlhf_operator import builders, names
 from rlhf_operator.api import RLHFJob
 from rlhf_operator.api.storage import PVC_MOUNT_ROOT
 
-needs_crds = pytest.mark.skipif(
-    not CRDS.is_dir(), reason=f"KubeRay CRDs not found at {CRDS} (../shared is absent)"
-)
 OWNER = builders.owner_reference({"name": "demo", "uid": "1234-uid"})
 
 
@@ -83,7 +80,7 @@ def _restricted(pod: dict) -> None:
 
 
 class TestRayCluster:
-    @needs_crds
+    @needs_kuberay_crds
     @SPECS
     def test_validates_against_the_kuberay_crd(self, spec: dict) -> None:
         assert (
@@ -93,7 +90,7 @@ class TestRayCluster:
             == []
         )
 
-    @needs_crds
+    @needs_kuberay_crds
     def test_the_schema_check_catches_a_misspelt_field(self) -> None:
         cluster = builders.build_raycluster(job(), "demo-ray", OWNER)
         cluster["spec"]["workerGroupSpecs"][0]["replica"] = 2
@@ -168,7 +165,7 @@ class TestRayCluster:
 
 
 class TestStageRayJob:
-    @needs_crds
+    @needs_kuberay_crds
     @SPECS
     @pytest.mark.parametrize("attempt", [1, 3])
     def test_validates_against_the_kuberay_crd(self, spec: dict, attempt: int) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from kuberay_schema import CRDS as KUBERAY_CRDS
+from kuberay_schema import needs_kuberay_crds
 from rlhf_operator.api import KIND, RULES, RLHFJob
 from rlhf_operator.builders import build_raycluster, build_stage_rayjob
 from rlhf_operator.crd import CRD_FILE
@@ -25,7 +27,6 @@ from rlhf_operator.validation import validate
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds"
 LOCAL_EXAMPLES = {"tiny-local.yaml"}  # for `rlhf run`: a local storage directory is fine
 REQUIRED = {"imdb-sentiment.yaml", "hh-rlhf-gptj.yaml", "nutanix-a100.yaml"}
 
@@ -114,9 +115,7 @@ def _kuberay_validator(plural: str) -> jsonschema.Draft4Validator:
 CLUSTER_EXAMPLES = [p for p in EXAMPLES if p.name not in LOCAL_EXAMPLES]
 
 
-@pytest.mark.skipif(
-    not KUBERAY_CRDS.is_dir(), reason=f"KubeRay CRDs not found at {KUBERAY_CRDS} (../shared)"
-)
+@needs_kuberay_crds
 @pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
 def test_example_children_are_valid_kuberay_objects(path: Path) -> None:
     raycluster, rayjob = _kuberay_validator("rayclusters"), _kuberay_validator("rayjobs")

@@ -1,10 +1,11 @@
-"""A stage's artifacts (CONTRACTS.md §3) on a local path, a pvc:// mount or an object store.
+"""A stage's artifacts (docs/CONTRACTS.md §3) on a local path, a pvc:// mount or an object store.
 
     <artifact>/model/          save_pretrained of the stage's model + tokenizer
     <artifact>/checkpoints/    Ray Train checkpoints, one `step_<n>` directory each
     <artifact>/metrics.json    final metrics {"name": float}
     <artifact>/history.jsonl   one line of metrics per logged step (curves, summary.json)
-    <artifact>/run.json        how the run went: steps, resumed-from step, timings
+    <artifact>/run.json        how the run went: steps, resumed-from step, timings, spec digest;
+                               written last, so it marks a finished stage
     <artifact>/tensorboard/    TensorBoard event files
 
 Local paths and pvc:// mounts are read and written in place; for s3:// (and other object stores)
@@ -132,6 +133,18 @@ def delete_tree(uri: str) -> None:
     filesystem, path = _pyarrow_fs(uri)
     if filesystem.get_file_info(path).type == fs.FileType.Directory:
         filesystem.delete_dir(path)
+
+
+def delete_file(uri: str) -> None:
+    """Remove one file (absent is fine)."""
+    if not is_remote(uri):
+        Path(local_path(uri)).unlink(missing_ok=True)
+        return
+    from pyarrow import fs
+
+    filesystem, path = _pyarrow_fs(uri)
+    if filesystem.get_file_info(path).type == fs.FileType.File:
+        filesystem.delete_file(path)
 
 
 def subdirectories(uri: str) -> list[str]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf_operator.api.storage import local_path
+from rlhf_operator.api.storage import local_path, looks_local
 
-from rlhf_trainer.jobspec import UserError, has_scheme, is_remote
+from rlhf_trainer.jobspec import UserError, is_remote
 
 if TYPE_CHECKING:
     import datasets
@@ -29,18 +29,6 @@ class Split:
 
     train: datasets.Dataset
     held_out: datasets.Dataset | None
-
-
-def looks_local(uri: str) -> bool:
-    """A local path (or pvc:// mount) rather than a Hugging Face dataset/model id."""
-    if has_scheme(uri):
-        return not is_remote(uri)
-    return (
-        os.path.isabs(uri)
-        or uri.startswith((".", "~"))
-        or Path(uri).suffix in LOCAL_FORMATS
-        or os.path.exists(uri)
-    )
 
 
 def _blank(path: Path, probe: int = 65536) -> bool:

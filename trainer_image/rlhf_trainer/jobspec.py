@@ -5,6 +5,7 @@ Import-light (pydantic, yaml): the CLI validates a manifest before anything heav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rlhf_operator.api import RLHFJob, format_validation_error
-from rlhf_operator.api.storage import REMOTE_SCHEMES
+from rlhf_operator.api.storage import REMOTE_SCHEMES, looks_local
 
 
 class UserError(Exception):
@@ -52,10 +53,20 @@ def parse_job(manifest: Any, origin: str = "manifest") -> RLHFJob:
 
 
 def job_to_json(job: RLHFJob) -> str:
-    """The job as the stage command's --job argument (status omitted, CONTRACTS.md §1)."""
+    """The job as the stage command's --job argument (status omitted, docs/CONTRACTS.md §1)."""
     return json.dumps(
         job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
     )
+
+
+def spec_digest(job: RLHFJob) -> str:
+    """What a stage's results depend on, as a short digest: the spec without `storage` (where
+    the results are kept; an output directory may move). A stage records it in run.json, so
+    `rlhf run --resume` knows a finished stage ran this very spec."""
+    wire = job.spec.to_wire()
+    wire.pop("storage", None)
+    text = json.dumps(wire, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def has_scheme(uri: str) -> bool:
@@ -67,12 +78,11 @@ def is_remote(uri: str) -> bool:
 
 
 def _absolute(value: str | None, base: Path, always: bool = False) -> str | None:
-    """`value` made absolute when it names a local path (existing, or `always`)."""
+    """`value` made absolute when it names a local path (`looks_local`, or `always`)."""
     if value is None or has_scheme(value) or os.path.isabs(value):
         return value
-    candidate = base / os.path.expanduser(value)
-    if always or candidate.exists() or value.startswith((".", "~")):
-        return str(candidate.resolve())
+    if always or looks_local(value, base):
+        return str((base / os.path.expanduser(value)).resolve())
     return value  # a Hugging Face id (`gpt2`, `imdb`, `org/name`)
 
 
@@ -80,8 +90,9 @@ def with_absolute_paths(job: RLHFJob, base: str | os.PathLike[str] | None = None
     """A copy of `job` whose relative local paths are absolute (against `base`, default cwd).
 
     Ray Train workers run in their own working directory, so a manifest's `examples/tiny/model`
-    must become absolute before it travels to them. Strings that are not existing local paths
-    are left alone: they are Hugging Face ids, resolved by `from_pretrained`/`load_dataset`.
+    must become absolute before it travels to them. Strings that do not look like local paths
+    (rlhf_operator.api.storage.looks_local) are left alone: they are Hugging Face ids, resolved
+    by `from_pretrained`/`load_dataset`.
     """
     root = Path(base or os.getcwd())
     spec = job.spec.model_copy(deep=True)

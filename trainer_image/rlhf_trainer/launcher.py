@@ -24,12 +24,14 @@ from rlhf_trainer.artifacts import (
     METRICS_FILE,
     RUN_FILE,
     Artifact,
+    delete_file,
     delete_tree,
     latest_checkpoint,
     read_json,
     read_jsonl,
 )
-from rlhf_trainer.jobspec import UserError, is_remote
+from rlhf_trainer.jit_ops import use_environment_extensions_dir
+from rlhf_trainer.jobspec import UserError, is_remote, spec_digest
 from rlhf_trainer.stages import STAGE_MODULES
 from rlhf_trainer.worker import (
     CONFIG_ATTEMPT,
@@ -73,7 +75,8 @@ class StageResult:
     resumed_from_step: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     skipped: str | None = None
-    """Why the stage did not run (a pretrained reward model was given), else None."""
+    """Why the stage did not run (a pretrained reward model was given; an earlier run of the
+    same spec finished it: then metrics and history are that run's), else None."""
 
 
 def stage_module(stage: str):
@@ -98,12 +101,16 @@ def ensure_ray(
     `attach`: join the running cluster (RAY_ADDRESS, or one started with `ray start`), as a
     stage RayJob does, falling back to a local instance; otherwise always start a local one
     (`rlhf run`: one local Ray for every stage). `dashboard`: also serve the dashboard and
-    its job submission API on 127.0.0.1:8265 (what KubeRay's submitter talks to).
+    its job submission API on 127.0.0.1:8265 (what KubeRay's submitter talks to). A local Ray
+    gets this Python environment's own torch extension cache (TORCH_EXTENSIONS_DIR, unless set:
+    rlhf_trainer.jit_ops says why).
     """
     import ray
 
     if ray.is_initialized():
         return 0.0
+    if not attach:
+        use_environment_extensions_dir()  # before Ray starts: its workers inherit it
     started = time.perf_counter()
     if attach:
         try:
@@ -111,6 +118,7 @@ def ensure_ray(
             return time.perf_counter() - started
         except ConnectionError:
             logger.info("no running Ray cluster found; starting a local one")
+            use_environment_extensions_dir()
     os.environ.setdefault("RAY_worker_niceness", LOCAL_WORKER_NICENESS)  # read by the raylet
     ray.init(
         address="local",
@@ -197,14 +205,11 @@ def run_stage(
     started = time.perf_counter()
     artifact = Artifact(job.spec.storage.uri, job.metadata.name, stage)
     if stage == "reward" and job.spec.stages.reward.model:
-        return StageResult(
-            stage,
-            artifact.uri,
-            skipped=f"pretrained reward model {job.spec.stages.reward.model}",
-        )
+        return _pretrained_reward(job, artifact)
     module = stage_module(stage)
     module.preflight(job, True)
     ray_seconds = ensure_ray(attach=attach, verbose=verbose)
+    delete_file(artifact.uri_of(RUN_FILE))  # the stage is not finished until it writes a new one
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -248,6 +253,40 @@ def run_stage(
     fit_ended = time.time()
     fit_seconds = time.perf_counter() - fit_started
     return _result(stage, artifact, started, ray_seconds, fit_seconds, fit_ended)
+
+
+ALREADY_COMPLETE = "already complete, not run again"
+
+
+def _pretrained_reward(job: RLHFJob, artifact: Artifact) -> StageResult:
+    model = job.spec.stages.reward.model
+    return StageResult("reward", artifact.uri, skipped=f"pretrained reward model {model}")
+
+
+def finished_result(job: RLHFJob, stage: str) -> StageResult | None:
+    """The result of `stage` when a run of this very spec finished it (its run.json, written
+    last, records the spec's digest), read back from its artifact; else None."""
+    artifact = Artifact(job.spec.storage.uri, job.metadata.name, stage)
+    if stage == "reward" and job.spec.stages.reward.model:
+        return _pretrained_reward(job, artifact)  # nothing to train, ever
+    run = read_json(artifact.uri_of(RUN_FILE))
+    if not run or run.get("spec_digest") != spec_digest(job):
+        return None
+    timings = {f"{name}_s": value for name, value in run.get("timings", {}).items()}
+    timings["worker_group_start_s"] = run.get("worker_group_start", 0.0)
+    return StageResult(
+        stage=stage,
+        artifact=artifact.uri,
+        metrics=read_json(artifact.uri_of(METRICS_FILE)) or {},
+        history=read_jsonl(artifact.uri_of(HISTORY_FILE)),
+        # what the stage took when it ran (its workers' start and loop; teardown is not known)
+        seconds=timings["worker_group_start_s"] + timings.get("loop_s", 0.0),
+        total_steps=int(run.get("total_steps", 0)),
+        steps_run=int(run.get("steps_run", 0)),
+        resumed_from_step=run.get("resumed_from_step"),
+        timings=timings,
+        skipped=ALREADY_COMPLETE,
+    )
 
 
 def _result(

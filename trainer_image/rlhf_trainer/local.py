@@ -19,6 +19,7 @@ from rlhf_operator.api.storage import local_path
 from rlhf_operator.manifest import local_path_problems
 
 from rlhf_trainer.artifacts import CHECKPOINTS_DIR, Artifact
+from rlhf_trainer.jit_ops import compile_notice
 from rlhf_trainer.jobspec import (
     UserError,
     is_local_storage,
@@ -26,7 +27,7 @@ from rlhf_trainer.jobspec import (
     with_absolute_paths,
     with_storage,
 )
-from rlhf_trainer.launcher import StageResult, ensure_ray, preflight, run_stage
+from rlhf_trainer.launcher import StageResult, ensure_ray, finished_result, preflight, run_stage
 from rlhf_trainer.progress import read_progress
 from rlhf_trainer.summary import build_summary, overhead_line, stage_line, timings_report
 
@@ -107,6 +108,31 @@ def prepare(manifest: str, output: str | None) -> tuple[Any, Path]:
     return job, Path(local_path(job.spec.storage.uri))
 
 
+def finished_stages(job: Any, stages: list[str]) -> dict[str, StageResult]:
+    """The leading stages an earlier run of this spec finished, in order, with their results.
+
+    Only a prefix counts: once a stage has to run, every later one runs too (it reads what the
+    earlier one is about to make).
+    """
+    done: dict[str, StageResult] = {}
+    for stage in stages:
+        result = finished_result(job, stage)
+        if result is None:
+            break
+        done[stage] = result
+    return done
+
+
+def resume_line(done: list[str], todo: list[str], output_dir: Path) -> str:
+    """What `--resume` found: the finished stages, and what it runs next (or nothing)."""
+    line = f"resume: {', '.join(done)} already complete in {output_dir}"
+    if not todo:
+        return (
+            f"{line}: every stage is complete, nothing to run (run without --resume to train again)"
+        )
+    return f"{line} (not run again); resuming {todo[0]} from its checkpoints"
+
+
 def run_local(
     manifest: str,
     output: str | None = None,
@@ -132,27 +158,39 @@ def run_local(
         file=out,
         flush=True,
     )
+    results = finished_stages(job, stages) if resume else {}
+    todo = [stage for stage in stages if stage not in results]
+    if results:
+        print(resume_line(list(results), todo, output_dir), file=out, flush=True)
+        for result in results.values():
+            print(stage_line(result), file=out, flush=True)
     owns_ray = not ray.is_initialized()
-    ray_seconds = ensure_ray(attach=False, verbose=verbose)
-    print(f"ray: local instance ready in {ray_seconds:.1f}s", file=out, flush=True)
-    results: dict[str, StageResult] = {}
+    ray_seconds = ensure_ray(attach=False, verbose=verbose) if todo else 0.0
+    if todo:
+        print(f"ray: local instance ready in {ray_seconds:.1f}s", file=out, flush=True)
+        notice = compile_notice(job.spec.cluster.workers.gpus_per_worker)
+        if notice:
+            print(notice, file=out, flush=True)
     try:
-        for stage in stages:
+        for stage in todo:
             checkpoints = Artifact(job.spec.storage.uri, job.metadata.name, stage).uri_of(
                 CHECKPOINTS_DIR
             )
             progress_file = output_dir / PROGRESS_DIR / f"{stage}.json"
+            # Only the first stage to run resumes: a later stage's checkpoints (if any) were
+            # trained on an earlier upstream model than the one this run is about to make.
+            resume_this = resume and stage == todo[0]
             with ProgressBar(stage, progress_file, progress_bars):
                 results[stage] = run_stage(
                     job,
                     stage,
-                    resume_from=checkpoints if resume else None,
+                    resume_from=checkpoints if resume_this else None,
                     progress_file=str(progress_file),
                     verbose=verbose,
                 )
             print(stage_line(results[stage]), file=out, flush=True)
     finally:
-        if owns_ray:
+        if owns_ray and ray.is_initialized():
             ray.shutdown()
     summary = build_summary(job.metadata.name, time.perf_counter() - started, results)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +200,8 @@ def run_local(
     from rlhf_trainer.plots import plot_curves
 
     plot = plot_curves({s: r.history for s, r in results.items()}, output_dir / PLOT_FILE)
-    print(overhead_line(ray_seconds, results), file=out)
+    if todo:
+        print(overhead_line(ray_seconds, results), file=out)
     print(f"summary: {json.dumps(summary)}", file=out)
     written = [output_dir / SUMMARY_FILE, output_dir / TIMINGS_FILE, plot]
     if "evaluation" in results:

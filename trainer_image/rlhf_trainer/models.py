@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from rlhf_operator.api.storage import local_path
+from rlhf_operator.api.storage import local_path, looks_local
 
 from rlhf_trainer.artifacts import MODEL_DIR, Artifact, fetch_dir
-from rlhf_trainer.data import looks_local
 from rlhf_trainer.jobspec import UserError, is_remote
 
 if TYPE_CHECKING:

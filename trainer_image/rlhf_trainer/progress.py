@@ -32,10 +32,10 @@ from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
-# Set by the operator's builders in every Ray pod (CONTRACTS.md §2).
+# Set by the operator's builders in every Ray pod (docs/CONTRACTS.md §2).
 JOB_NAME_ENV = "RLHF_JOB_NAME"
 JOB_NAMESPACE_ENV = "RLHF_JOB_NAMESPACE"
-# Set by the local runner (`rlhf run`): where a stage writes the progress file it polls.
+# A progress file to write (`rlhf run` passes its file through the loop config instead).
 PROGRESS_FILE_ENV = "RLHF_PROGRESS_FILE"
 # Set by Ray Train's TorchTrainer in every worker (torch.distributed convention).
 RANK_ENV = "RANK"
@@ -150,7 +150,7 @@ class ProgressReporter:
         """A reporter with the sinks the environment calls for, plus `sinks`.
 
         - `RLHF_JOB_NAME` + `RLHF_JOB_NAMESPACE` (set in every Ray pod): the RLHFJob's status.
-        - `RLHF_PROGRESS_FILE` (set by `rlhf run`): a JSON progress file.
+        - `RLHF_PROGRESS_FILE`: a JSON progress file (`rlhf run` adds its own FileSink).
         On a worker whose rank is not 0 the reporter has no sinks at all (one voice per stage).
         `enabled_stages` (the job's `spec.enabled_stages()`) numbers the PROGRESS column
         ("ppo 3/4"); without it the status sink reads the job's spec once. `options` go to the

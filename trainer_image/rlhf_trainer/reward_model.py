@@ -207,9 +207,8 @@ def check_positive_label(job: RLHFJob) -> None:
     start; a hub model is checked when the workers load it)."""
     from pathlib import Path
 
-    from rlhf_operator.api.storage import local_path
+    from rlhf_operator.api.storage import local_path, looks_local
 
-    from rlhf_trainer.data import looks_local
     from rlhf_trainer.jobspec import is_remote
 
     reward = job.spec.stages.reward

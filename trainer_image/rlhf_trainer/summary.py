@@ -91,7 +91,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def stage_line(result: StageResult) -> str:
     """One line per finished stage: its headline figures and its Ray/DeepSpeed overheads."""
-    if result.skipped:
+    if result.skipped and not result.metrics:
         return f"{result.stage}: skipped ({result.skipped})"
     m, h = result.metrics, result.history
     headline = {
@@ -109,6 +109,8 @@ def stage_line(result: StageResult) -> str:
             f"{_fmt(m.get('mean_reward_sft'))} → RLHF {_fmt(m.get('mean_reward_rlhf'))}"
         ),
     }[result.stage]()
+    if result.skipped:  # finished by an earlier run: its figures, read back from the artifact
+        return f"{result.stage}: {headline} ({result.skipped})"
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     overheads = ", ".join(
         f"{label} {result.timings[key]:.1f}s" for key, label in OVERHEADS if key in result.timings

@@ -1,6 +1,6 @@
 """A progress sink that writes every reported metric as a TensorBoard scalar.
 
-Event files go to `<artifact>/tensorboard/` (CONTRACTS.md §3), one run per stage, so
+Event files go to `<artifact>/tensorboard/` (docs/CONTRACTS.md §3), one run per stage, so
 `tensorboard --logdir <storage>/<job>` shows every stage of a job side by side. Writer-side only:
 torch's `SummaryWriter` (which needs the `tensorboard` package of the trainer extra).
 """

@@ -31,6 +31,7 @@ from rlhf_trainer.artifacts import (
     checkpoint_dir_name,
 )
 from rlhf_trainer.engine import load_state, save_state, select_accelerator
+from rlhf_trainer.jobspec import spec_digest
 from rlhf_trainer.progress import FileSink, ProgressReporter, finite_metrics
 from rlhf_trainer.tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
@@ -197,7 +198,10 @@ class StageWorker:
     # ------------------------------------------------------------------ results
 
     def finish(self, metrics: Mapping[str, float], *, steps_run: int, total_steps: int) -> None:
-        """Write metrics.json, history.jsonl and run.json (rank 0); final progress report."""
+        """Write metrics.json, history.jsonl and run.json (rank 0); final progress report.
+
+        run.json is written last: its presence marks the stage as finished (`rlhf run --resume`).
+        """
         final = finite_metrics({k: float(v) for k, v in metrics.items()})
         if self.reporter is not None:
             self.reporter.finish(final, step=total_steps)
@@ -220,6 +224,7 @@ class StageWorker:
             "total_steps": total_steps,
             "steps_run": steps_run,
             "resumed_from_step": self.resumed_from_step,
+            "spec_digest": spec_digest(self.job),
             "started_at": self.started_at,
             "finished_at": finished_at,
             "worker_group_start": self.started_at - self.config.get(CONFIG_SUBMITTED_AT, 0.0),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-# Metric names (CONTRACTS.md §5) that feed the REWARD column, most telling first: the
+# Metric names (docs/CONTRACTS.md §5) that feed the REWARD column, most telling first: the
 # evaluation's win rate is the job's headline result; PPO's mean reward is the live figure.
 WIN_RATE_METRIC = "win_rate"
 REWARD_MEAN_METRIC = "reward_mean"
