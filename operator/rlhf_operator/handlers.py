@@ -69,7 +69,15 @@ def reconcile(
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def finalize(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
-    decision = driver.finalize_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+def finalize(
+    body: kopf.Body,
+    rayclusters: kopf.Index,
+    rayjobs: kopf.Index,
+    warm_pool: kopf.Index,
+    **_: Any,
+) -> None:
+    decision = driver.finalize_job(
+        driver.snapshot(body), rayclusters, rayjobs, events.post, pool=warm_pool
+    )
     if decision.wait:
         raise kopf.TemporaryError(decision.wait, delay=1)

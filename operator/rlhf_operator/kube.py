@@ -122,6 +122,13 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
         return kubernetes.client.CustomObjectsApi(_client)
 
 
+def _networking() -> kubernetes.client.NetworkingV1Api:
+    with _lock:
+        if _client is None:
+            raise RuntimeError("rlhf_operator.kube.configure() was not called")
+        return kubernetes.client.NetworkingV1Api(_client)
+
+
 def _ignoring(status: int) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
     """Turn one expected API status (404 on delete) into None."""
 
@@ -218,6 +225,23 @@ def delete_raycluster_unchanged(namespace: str, name: str, resource_version: str
         if exc.status in (404, 409):
             return False
         raise
+    return True
+
+
+# --------------------------------------------------------------------------- NetworkPolicies
+
+
+@api_call("networking.k8s.io", "networkpolicies", "create")
+def create_network_policy(manifest: dict[str, Any]) -> bool:
+    """Create unless it exists: True when created, False on 409."""
+    try:
+        _networking().create_namespaced_network_policy(
+            manifest["metadata"]["namespace"], manifest, _request_timeout=REQUEST_TIMEOUT
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
     return True
 
 

@@ -295,3 +295,21 @@ def test_chart_files_have_no_stray_copies() -> None:
     folder would install a second, never-upgraded copy."""
     assert not (CHART / "crds").exists()
     assert sorted(p.name for p in (CHART / "files" / "crds").iterdir()) == [CRD_FILE.name]
+
+
+def test_tenancy_settings_reach_the_operator(render: Render) -> None:
+    """The chart's networkPolicy and warmPool values become the environment that
+    rlhf_operator/tenancy.py reads (same names), and POD_NAMESPACE names the operator's own."""
+    import inspect
+
+    from rlhf_operator import tenancy
+
+    docs = render("networkPolicy.rayClientNamespaces={kuberay,team-tools}")
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["RLHF_RAY_CLIENT_NAMESPACES"]["value"] == "kuberay,team-tools"
+    assert env["RLHF_NETWORK_POLICIES"]["value"] == "true"
+    assert env["RLHF_MAX_POOLED_CLUSTERS"]["value"] == "4"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    source = inspect.getsource(tenancy)
+    for name in env:
+        assert f'"{name}"' in source, f"tenancy.py does not read {name}"

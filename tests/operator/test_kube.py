@@ -12,7 +12,7 @@ from typing import Any
 
 import kmock
 from kube_sim import RLHFEmulator, create_job, sample_job
-from rlhf_operator import kube, names
+from rlhf_operator import builders, kube, names
 
 NS = "ns"
 VERBS = {
@@ -54,6 +54,9 @@ CALLS: dict[str, Callable[[], Any]] = {
     "annotate_job": lambda: kube.annotate_job(NS, "demo", {"a": "b"}),
     "get_job": lambda: kube.get_job(NS, "demo"),
     "delete_job": lambda: kube.delete_job(NS, "demo"),
+    "create_network_policy": lambda: kube.create_network_policy(
+        builders.build_network_policy("c1", NS, "uid-1", ["ray-system"])
+    ),
 }
 
 
@@ -63,7 +66,10 @@ def test_every_function_that_calls_the_api_is_registered() -> None:
         for name, fn in inspect.getmembers(kube, inspect.isfunction)
         if fn.__module__ == kube.__name__
         and not name.startswith("_")
-        and any(s in inspect.getsource(fn) for s in ("_custom()", "_create(", "_delete("))
+        and any(
+            s in inspect.getsource(fn)
+            for s in ("_custom()", "_networking()", "_create(", "_delete(")
+        )
     }
     assert calls_api == set(kube.API_CALLS)
     assert set(CALLS) == set(kube.API_CALLS), "add a sample call for the new kube function"

@@ -69,6 +69,13 @@ async def test_happy_path_runs_all_four_stages_on_one_cluster(
 
     assert kuberay.submitted == [f"happy-{stage}-1" for stage in STAGES]
     assert ever_existed(api, RAYCLUSTERS) == ["happy-ray"]
+    # Ray token auth on the cluster, and a NetworkPolicy owned by it (deleted with it).
+    created = api.objects[kmock.resource(RAYCLUSTERS), NS, "happy-ray"].history[0]
+    assert created["spec"]["authOptions"] == {"mode": "token"}
+    policy = api.get("networking.k8s.io/v1/networkpolicies", NS, "happy-ray")
+    assert policy is not None, "the cluster's NetworkPolicy was not created"
+    (owner,) = policy["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("RayCluster", created["metadata"]["uid"])
     for stage in STAGES:
         spec = api.get(RAYJOBS, NS, f"happy-{stage}-1")["spec"]
         assert spec["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "happy-ray"}

@@ -51,6 +51,7 @@ def job(**spec: Any) -> RLHFJob:
 
 
 def ready_cluster(**kw: Any) -> ClusterObservation:
+    kw = {"uid": "cluster-uid", "auth_mode": "token", **kw}
     return ClusterObservation(
         name="demo-ray", ready=True, state="ready", owner_uids=(UID,), job_label="demo", **kw
     )
@@ -122,7 +123,8 @@ def test_disabled_stages_are_skipped() -> None:
 def test_a_cluster_that_is_not_ready_is_a_wait() -> None:
     j = job()
     status = step(j, RLHFJobStatus()).status
-    d = step(j, status, Observed(cluster=ClusterObservation("demo-ray", owner_uids=(UID,))))
+    provisioning = ClusterObservation("demo-ray", owner_uids=(UID,), auth_mode="token")
+    d = step(j, status, Observed(cluster=provisioning))
     assert d.actions == [] and d.status.phase == "Provisioning"
     ready = next(c for c in d.status.conditions if c.type == "ClusterReady")
     assert (ready.status, ready.reason) == ("False", "ClusterProvisioning")
@@ -140,8 +142,12 @@ def test_a_ready_cluster_starts_the_first_stage() -> None:
     status = step(j, RLHFJobStatus()).status
     d = step(j, status, Observed(cluster=ready_cluster()))
     assert d.status.phase == "Running"
-    assert kinds(d) == ["CreateRayJob"]
-    manifest = d.actions[0].manifest
+    # The cluster's NetworkPolicy (owned by the cluster's uid) before anything runs on it.
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
+    policy = d.actions[0].manifest
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "cluster-uid"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {names.LABEL_RAY_CLUSTER: "demo-ray"}}
+    manifest = d.actions[1].manifest
     assert manifest["metadata"]["name"] == "demo-sft-1"
     assert manifest["spec"]["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "demo-ray"}
     assert d.status.stages["sft"].ray_job == "demo-sft-1"
@@ -177,6 +183,7 @@ def test_a_cluster_never_ready_fails_with_kuberays_reason_and_is_deleted() -> No
     stuck = kuberay.observe_cluster(
         {
             "metadata": {"name": "demo-ray", "ownerReferences": [{"uid": UID}]},
+            "spec": {"authOptions": {"mode": "token"}},
             "status": {
                 "state": "",
                 "conditions": [
@@ -268,7 +275,9 @@ def test_a_running_rayjob_changes_nothing() -> None:
 def test_a_recorded_rayjob_that_is_missing_is_created_again() -> None:
     j, status = running("reward")
     d = step(j, status, Observed(ready_cluster(), None))
-    assert kinds(d) == ["CreateRayJob"] and d.actions[0].name == "demo-reward-1"
+    # create-if-absent both: a restart may have come between the status write and the creates
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
+    assert d.actions[1].name == "demo-reward-1"
     assert status_patch(status, d.status) == {}
 
 
@@ -357,7 +366,8 @@ def test_resume_recreates_the_cluster_then_starts_a_new_attempt() -> None:
     assert d.status.phase == "Provisioning" and kinds(d) == ["CreateCluster"]
     assert "JobResumed" in reasons(d)
     d = step(j, d.status, Observed(cluster=ready_cluster()))
-    assert d.actions[0].name == "demo-ppo-2"
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
+    assert d.actions[1].name == "demo-ppo-2"
     assert d.status.stages["ppo"].failures == 0
 
 
@@ -443,7 +453,7 @@ def test_a_rayjob_at_our_name_that_is_not_ours_is_never_taken_for_our_stage() ->
     assert "RayJob demo-sft-1" in d.status.message and "old-uid" in d.status.message
     assert reasons(d) == ["RayJobConflict"]
     gone = step(j, d.status, Observed(ready_cluster(), None))
-    assert kinds(gone) == ["CreateRayJob"]
+    assert kinds(gone) == ["CreateNetworkPolicy", "CreateRayJob"]
 
 
 def test_submission_failed_while_the_ray_job_runs_stops_it_before_the_retry() -> None:
@@ -522,3 +532,25 @@ def test_starting_over_re_pins_the_fixed_spec() -> None:
     assert json.loads(pin.pinned)["cluster"] == {"workers": {"replicas": 4}}
     create = next(a for a in decision.actions if isinstance(a, CreateCluster))
     assert create.manifest["spec"]["workerGroupSpecs"][0]["replicas"] == 4
+
+
+@pytest.mark.parametrize("stored_spec", [{}, {"authOptions": {"mode": "disabled"}}])
+def test_a_cluster_stored_without_token_auth_fails_the_job_and_is_deleted(stored_spec) -> None:
+    """A KubeRay older than 1.5.1: its CRD has no authOptions, the API server prunes the field
+    and KubeRay starts Ray with its ports open. No stage may run there."""
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    built = next(a for a in step(j, RLHFJobStatus()).actions if isinstance(a, CreateCluster))
+    assert built.manifest["spec"]["authOptions"] == {"mode": "token"}  # we asked for it
+    body = {
+        "metadata": {"name": "demo-ray", "uid": "c-uid", "ownerReferences": [{"uid": UID}]},
+        "spec": stored_spec,
+        "status": {"state": "ready"},
+    }
+    d = step(j, status, Observed(cluster=kuberay.observe_cluster(body)))
+    assert d.status.phase == "Failed"
+    assert "CreateRayJob" not in kinds(d)
+    assert DeleteCluster("demo-ray") in d.actions
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "RayAuthUnsupported")
+    assert "KubeRay" in d.status.message and "v1.5.1" in d.status.message

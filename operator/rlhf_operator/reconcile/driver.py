@@ -38,6 +38,7 @@ from rlhf_operator.reconcile.model import (
     ClaimCluster,
     ClusterObservation,
     CreateCluster,
+    CreateNetworkPolicy,
     CreateRayJob,
     Decision,
     DeleteCluster,
@@ -86,6 +87,7 @@ def observe(
     rayjobs: Index,
     job: str,
     pool: Iterable[warmpool.PoolCluster] = (),
+    pooled_in_namespace: int = 0,
 ) -> Observed:
     """The job's children as the indexes last saw them (the cluster named in status, else the
     deterministic one, the current attempt's RayJob and the earlier attempts' that remain), and
@@ -105,6 +107,7 @@ def observe(
         cluster=cluster,
         rayjob=rayjob,
         pool=tuple(pool),
+        pooled_in_namespace=pooled_in_namespace,
         earlier=tuple(r for r in earlier if r is not None),
     )
 
@@ -114,6 +117,13 @@ def _pool_of(pool: Index | None, job: RLHFJob) -> Iterable[warmpool.PoolCluster]
     if not pool:
         return ()
     return pool.get((job.metadata.namespace, warmpool.pool_signature(job)), ())
+
+
+def _pooled_in(pool: Index | None, namespace: str | None) -> int:
+    """Available warm clusters of any signature in `namespace` (for maxPooledClusters)."""
+    if not pool:
+        return 0
+    return sum(len(list(pool.get(key, ()))) for key in list(pool) if key[0] == namespace)
 
 
 def _pinnable(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,7 +186,13 @@ def decide(
     if job is None:
         return status, machine.reject(status, problems, now, generation)
     observed = observe(
-        meta.get("namespace"), status, clusters, rayjobs, job.metadata.name, _pool_of(pool, job)
+        meta.get("namespace"),
+        status,
+        clusters,
+        rayjobs,
+        job.metadata.name,
+        _pool_of(pool, job),
+        _pooled_in(pool, meta.get("namespace")),
     )
     decision = machine.reconcile(
         job, status, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
@@ -331,6 +347,8 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
             except ApiException as exc:
                 if exc.status != 404:  # gone already: nothing to hand to the pool
                     raise
+        case CreateNetworkPolicy(manifest=manifest):
+            kube.create_network_policy(manifest)
         case CreateRayJob(manifest=manifest):
             kube.create_rayjob(manifest)
         case DeleteCluster(name=cluster):
@@ -366,7 +384,11 @@ def _api_message(exc: ApiException) -> str:
 
 
 def finalize_job(
-    body: Mapping[str, Any], clusters: Index, rayjobs: Index, post: PostEvent
+    body: Mapping[str, Any],
+    clusters: Index,
+    rayjobs: Index,
+    post: PostEvent,
+    pool: Index | None = None,
 ) -> Decision:
     """The RLHFJob is being deleted: stop its RayJob, release its cluster (the finalizer)."""
     meta = body["metadata"]
@@ -376,7 +398,14 @@ def finalize_job(
         job = RLHFJob.model_construct(
             metadata=ObjectMeta.model_validate({"name": meta["name"], "uid": meta.get("uid")})
         )
-    observed = observe(meta.get("namespace"), status, clusters, rayjobs, meta["name"])
+    observed = observe(
+        meta.get("namespace"),
+        status,
+        clusters,
+        rayjobs,
+        meta["name"],
+        pooled_in_namespace=_pooled_in(pool, meta.get("namespace")),
+    )
     since = parse_time(meta.get("deletionTimestamp"))
     decision = machine.finalize(job, status, observed, datetime.now(UTC), since)
     for action in decision.actions:

@@ -34,6 +34,7 @@ from rlhf_operator.reconcile.cluster import (
     Readiness,
     acquire_cluster,
     ensure_cluster,
+    ensure_network_policy,
     release_cluster,
 )
 from rlhf_operator.reconcile.conditions import get_condition, parse_time, set_condition, timestamp
@@ -179,7 +180,27 @@ def _cluster_ready(d: Draft) -> bool:
     readiness = ensure_cluster(d)
     if readiness is Readiness.TIMED_OUT:
         _provision_timed_out(d)
+    elif readiness is Readiness.UNAUTHENTICATED:
+        _unauthenticated(d)
     return readiness is Readiness.READY
+
+
+def _unauthenticated(d: Draft) -> None:
+    """The API server stored our RayCluster without spec.authOptions: its KubeRay CRD predates
+    token authentication. Never run a stage on an open Ray; delete the cluster, say why."""
+    name = d.status.cluster.name
+    _fail(
+        d,
+        names.RAY_AUTH_UNSUPPORTED,
+        f"RayCluster {name} was stored without spec.authOptions: the installed KubeRay CRDs "
+        "predate Ray token authentication, and its Ray dashboard, client and GCS ports would "
+        "take any caller. Upgrade KubeRay (operator and CRDs) to v1.5.1 or newer, then "
+        "re-create the RLHFJob.",
+    )
+    cluster = d.observed.cluster
+    if cluster is not None and cluster.owned_by(d.name, d.uid) and not cluster.deleting:
+        d.actions[:] = [a for a in d.actions if not isinstance(a, DeleteCluster | ReleaseCluster)]
+        d.actions.append(DeleteCluster(cluster.name))
 
 
 def _provision_timed_out(d: Draft) -> None:
@@ -239,6 +260,7 @@ def _provision(d: Draft, _: str | None) -> None:
         )
     else:
         d.normal(names.CLUSTER_READY, f"RayCluster {name} is ready.")
+    ensure_network_policy(d)
     _start_attempt(d, d.status.stage or d.job.spec.enabled_stages()[0])
 
 
@@ -295,6 +317,7 @@ def _run(d: Draft, _: str | None) -> None:
         _retry_when_stopped(d, stage)
         return
     if rayjob is None:
+        ensure_network_policy(d)  # a restart may have come between status and the creates
         manifest = builders.build_stage_rayjob(d.job, stage, st.attempts, s.cluster.name, d.owner())
         d.actions.append(CreateRayJob(manifest))  # recorded but not seen yet: ensure it
         return

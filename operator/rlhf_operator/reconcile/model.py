@@ -21,6 +21,8 @@ class ClusterObservation:
     owner_uids: tuple[str, ...] = ()
     message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
+    uid: str = ""
+    auth_mode: str | None = None  # spec.authOptions.mode as stored (None: pruned by old KubeRay)
 
     def owned_by(self, job: str, uid: str | None) -> bool:
         """Ours: owned by the job's uid, never by name alone (a cluster left by an earlier job
@@ -58,6 +60,7 @@ class Observed:
     cluster: ClusterObservation | None = None
     rayjob: RayJobObservation | None = None
     pool: tuple[PoolCluster, ...] = ()  # available warm clusters with the job's signature
+    pooled_in_namespace: int = 0  # available warm clusters of any signature in the namespace
     earlier: tuple[RayJobObservation, ...] = ()
 
 
@@ -80,6 +83,13 @@ class CreateCluster:
     @property
     def name(self) -> str:
         return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class CreateNetworkPolicy:
+    """Create a RayCluster's NetworkPolicy unless it exists (409 = already there)."""
+
+    manifest: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class DeleteJob:
 Action = (
     PinSpec
     | CreateCluster
+    | CreateNetworkPolicy
     | DeleteCluster
     | ClaimCluster
     | ReleaseCluster
