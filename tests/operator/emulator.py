@@ -5,9 +5,7 @@ is only atomic because the real API server refuses a write whose `metadata.resou
 stale, so this subclass adds exactly that, the way the API server does it:
 
 - every create and every write gets a new `metadata.resourceVersion` (one global counter, a
-  string, as in etcd); a create also gets a `metadata.uid`, a `creationTimestamp` and
-  `metadata.generation: 1`, and a merge-patch that writes `spec` (not through `/status`) bumps
-  the generation (the warm pool tells an edited cluster by it);
+  string, as in etcd); a create also gets a `metadata.uid` and a `creationTimestamp`;
 - a merge-patch that carries `metadata.resourceVersion` is a precondition: a stale one is
   refused with 409 Conflict and the object is left untouched;
 - a JSON-patch is applied all-or-nothing: a failed `test` op (kopf's own optimistic-concurrency
@@ -180,7 +178,6 @@ class Emulator(kmock.KubernetesEmulator):
                 "creationTimestamp": _now(),
                 **((request.data or {}).get("metadata") or {}),
                 "resourceVersion": version,
-                "generation": 1,
             }
             return _with_data(request, {**request.data, "metadata": meta})
         if current is None:
@@ -204,11 +201,9 @@ class Emulator(kmock.KubernetesEmulator):
             return request
         meta = request.data.get("metadata") or {}
         _check_version(current, meta.get("resourceVersion"), request)
-        meta = {**meta, "resourceVersion": version}
-        if "spec" in request.data and not request.subresource:
-            generation = (current.get("metadata") or {}).get("generation") or 1
-            meta["generation"] = generation + 1
-        return _with_data(request, {**request.data, "metadata": meta})
+        return _with_data(
+            request, {**request.data, "metadata": {**meta, "resourceVersion": version}}
+        )
 
     async def _mark_deleted(
         self, request: rendering.Request, current: dict[str, Any], version: str
