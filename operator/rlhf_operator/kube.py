@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from rlhf_operator import names
 from rlhf_operator.api import GROUP, PLURAL, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,6 +54,9 @@ FRAMEWORK_PERMISSIONS: tuple[ApiCall, ...] = (
     ApiCall(names.RAY_GROUP, names.RAYCLUSTERS, "watch"),
     ApiCall(names.RAY_GROUP, names.RAYJOBS, "list"),
     ApiCall(names.RAY_GROUP, names.RAYJOBS, "watch"),
+    # ... and the trainers' progress reports (mirrored into RLHFJob status)
+    ApiCall(GROUP, PROGRESS_PLURAL, "list"),
+    ApiCall(GROUP, PROGRESS_PLURAL, "watch"),
     # kopf posts the operator's Events (kopf.event)
     ApiCall(CORE, "events", "create"),
     # kopf's scanning: notices CRDs and namespaces that appear after it started
@@ -266,6 +270,25 @@ def delete_rayjob(namespace: str, name: str) -> None:
 def _unchanged_since(resource_version: str | None) -> dict[str, Any]:
     """The merge-patch part that makes a write conditional: 409 if the object changed since."""
     return {"resourceVersion": resource_version} if resource_version else {}
+
+
+@api_call(GROUP, PROGRESS_PLURAL, "create")
+def create_progress(manifest: dict[str, Any]) -> bool:
+    """Create a job's RLHFJobProgress unless it exists: True when created, False on 409."""
+    try:
+        _custom().create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            manifest["metadata"]["namespace"],
+            PROGRESS_PLURAL,
+            manifest,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+    return True
 
 
 @api_call(GROUP, f"{PLURAL}/status", "patch")

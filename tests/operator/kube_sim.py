@@ -44,11 +44,13 @@ from emulator import Emulator
 from kmock._internal import rendering
 from rlhf_operator import names
 from rlhf_operator.api import GROUP, KIND, PLURAL, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
 
 JOBS = f"{GROUP}/{VERSION}/{PLURAL}"
 RAYCLUSTERS = f"{names.RAY_API_VERSION}/{names.RAYCLUSTERS}"
 RAYJOBS = f"{names.RAY_API_VERSION}/{names.RAYJOBS}"
 EVENTS = "v1/events"
+PROGRESSES = f"{GROUP}/{VERSION}/{PROGRESS_PLURAL}"  # the trainers' reports (api/progress.py)
 ALL_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
@@ -186,6 +188,9 @@ def declare_resources(api: kmock.KubernetesEmulator) -> None:
         api.resources[resource] = info(
             kind=kind, namespaced=True, verbs=ALL_VERBS, subresources={"status"}
         )
+    api.resources[PROGRESSES] = info(
+        kind="RLHFJobProgress", namespaced=True, verbs=ALL_VERBS, subresources={"status"}
+    )
     api.resources[EVENTS] = info(kind="Event", namespaced=True, verbs=ALL_VERBS)
     api.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs=ALL_VERBS)
     api.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(

@@ -13,6 +13,7 @@ from typing import Any
 import kmock
 from kube_sim import RLHFEmulator, create_job, sample_job
 from rlhf_operator import builders, kube, names
+from rlhf_operator.reconcile import progress
 
 NS = "ns"
 VERBS = {
@@ -54,6 +55,9 @@ CALLS: dict[str, Callable[[], Any]] = {
     "annotate_job": lambda: kube.annotate_job(NS, "demo", {"a": "b"}),
     "get_job": lambda: kube.get_job(NS, "demo"),
     "delete_job": lambda: kube.delete_job(NS, "demo"),
+    "create_progress": lambda: kube.create_progress(
+        progress.build_progress("demo", NS, builders.owner_reference({"name": "demo", "uid": "u"}))
+    ),
     "create_network_policy": lambda: kube.create_network_policy(
         builders.build_network_policy("c1", NS, "uid-1", ["ray-system"])
     ),

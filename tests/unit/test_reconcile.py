@@ -28,6 +28,7 @@ from rlhf_operator.reconcile import (
     RayJobObservation,
     driver,
     kuberay,
+    progress,
     reconcile,
     reject,
     status_patch,
@@ -39,6 +40,7 @@ from rlhf_operator.reconcile.kuberay import (
     rayjob_outcome,
     shorten,
 )
+from rlhf_operator.reconcile.model import CreateProgress
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
@@ -143,11 +145,11 @@ def test_a_ready_cluster_starts_the_first_stage() -> None:
     d = step(j, status, Observed(cluster=ready_cluster()))
     assert d.status.phase == "Running"
     # The cluster's NetworkPolicy (owned by the cluster's uid) before anything runs on it.
-    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
     policy = d.actions[0].manifest
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "cluster-uid"
     assert policy["spec"]["podSelector"] == {"matchLabels": {names.LABEL_RAY_CLUSTER: "demo-ray"}}
-    manifest = d.actions[1].manifest
+    manifest = d.actions[2].manifest
     assert manifest["metadata"]["name"] == "demo-sft-1"
     assert manifest["spec"]["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "demo-ray"}
     assert d.status.stages["sft"].ray_job == "demo-sft-1"
@@ -276,8 +278,8 @@ def test_a_recorded_rayjob_that_is_missing_is_created_again() -> None:
     j, status = running("reward")
     d = step(j, status, Observed(ready_cluster(), None))
     # create-if-absent both: a restart may have come between the status write and the creates
-    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
-    assert d.actions[1].name == "demo-reward-1"
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
+    assert d.actions[2].name == "demo-reward-1"
     assert status_patch(status, d.status) == {}
 
 
@@ -366,8 +368,8 @@ def test_resume_recreates_the_cluster_then_starts_a_new_attempt() -> None:
     assert d.status.phase == "Provisioning" and kinds(d) == ["CreateCluster"]
     assert "JobResumed" in reasons(d)
     d = step(j, d.status, Observed(cluster=ready_cluster()))
-    assert kinds(d) == ["CreateNetworkPolicy", "CreateRayJob"]
-    assert d.actions[1].name == "demo-ppo-2"
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
+    assert d.actions[2].name == "demo-ppo-2"
     assert d.status.stages["ppo"].failures == 0
 
 
@@ -453,7 +455,7 @@ def test_a_rayjob_at_our_name_that_is_not_ours_is_never_taken_for_our_stage() ->
     assert "RayJob demo-sft-1" in d.status.message and "old-uid" in d.status.message
     assert reasons(d) == ["RayJobConflict"]
     gone = step(j, d.status, Observed(ready_cluster(), None))
-    assert kinds(gone) == ["CreateNetworkPolicy", "CreateRayJob"]
+    assert kinds(gone) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
 
 
 def test_submission_failed_while_the_ray_job_runs_stops_it_before_the_retry() -> None:
@@ -554,3 +556,74 @@ def test_a_cluster_stored_without_token_auth_fails_the_job_and_is_deleted(stored
     failed = next(c for c in d.status.conditions if c.type == "Failed")
     assert (failed.status, failed.reason) == ("True", "RayAuthUnsupported")
     assert "KubeRay" in d.status.message and "v1.5.1" in d.status.message
+
+
+# --------------------------------------------------------------------------- trainer progress
+
+
+def _report(owner: str = UID, **stages: dict) -> progress.ProgressObservation:
+    return progress.observe_progress(
+        {
+            "metadata": {"name": "demo", "ownerReferences": [{"uid": owner}]},
+            "status": {"stages": stages},
+        }
+    )
+
+
+PPO_REPORT = {
+    "progress": {"percent": 45.0, "step": 9, "totalSteps": 20},
+    "metrics": {"reward_mean": 0.7314, "kl": 0.02},
+    "history": [{"step": 9, "metrics": {"reward_mean": 0.7314}}],
+}
+
+
+def test_the_trainers_report_is_mirrored_into_status() -> None:
+    j, status = running("ppo")
+    mirrored = progress.mirror(status, _report(ppo=PPO_REPORT), UID, j.spec.enabled_stages())
+    assert mirrored.stages["ppo"].progress.percent == 45.0
+    assert mirrored.stages["ppo"].metrics == {"reward_mean": 0.7314, "kl": 0.02}
+    assert mirrored.progress == "ppo 3/4 45%" and mirrored.reward == "0.731"
+    # ... and the driver writes it: only the progress fields change.
+    patch = status_patch(status, mirrored)
+    assert set(patch) == {"progress", "reward", "stages"}
+    assert set(patch["stages"]) == {"ppo"}
+    assert set(patch["stages"]["ppo"]) == {"progress", "metrics", "history"}
+
+
+def test_a_report_steers_nothing() -> None:
+    """Whatever a trainer writes, phase, stage, attempts and the cluster stay the operator's:
+    reports for stages not started or not in the job, reports on an object the job does not
+    own, and fields that are not progress are all ignored."""
+    j, status = running("reward")
+    enabled = j.spec.enabled_stages()
+    untouched = status.model_copy(deep=True)
+    for report in (
+        _report(ppo=PPO_REPORT),  # ppo has not started
+        _report(evaluation={"metrics": {"win_rate": 1.0}}),  # nor has evaluation
+        _report(bogus={"metrics": {"x": 1.0}}),  # no such stage
+        _report(owner="someone-else", reward=PPO_REPORT),  # not this job's object
+        _report(reward={"phase": "Succeeded", "state": "Succeeded", "attempts": 99}),
+    ):
+        mirrored = progress.mirror(status, report, UID, enabled)
+        assert mirrored == untouched, report
+    forged = progress.observe_progress(
+        {
+            "metadata": {"ownerReferences": [{"uid": UID}]},
+            "status": {"phase": "Succeeded", "stages": {"reward": PPO_REPORT}},
+        }
+    )
+    assert forged.stages == {}  # a status the schema refuses is no report at all
+    d = step(j, progress.mirror(status, _report(reward=PPO_REPORT), UID, enabled),
+             Observed(ready_cluster(), rayjob("demo-reward-1")))  # fmt: skip
+    assert d.status.phase == "Running" and d.status.stage == "reward"
+    assert d.actions == []
+
+
+def test_each_attempt_ensures_the_progress_object() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=ready_cluster()))
+    (create,) = [a for a in d.actions if isinstance(a, CreateProgress)]
+    assert create.manifest["metadata"]["name"] == "demo"
+    assert create.manifest["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert create.manifest["spec"] == {"job": "demo"}

@@ -498,8 +498,8 @@ class TestMachine:
             name="old-ray", owner=UID, state=wp.STATE_CLAIMED, claimed_by=UID, signature="s"
         )
         d = decide(status, Observed(cluster=mine))
-        assert kinds(d) == ["CreateRayJob"]
-        assert d.actions[0].manifest["spec"]["clusterSelector"] == {
+        assert kinds(d) == ["CreateProgress", "CreateRayJob"]
+        assert d.actions[-1].manifest["spec"]["clusterSelector"] == {
             names.LABEL_RAY_CLUSTER: "old-ray"
         }
         assert names.WARM_POOL_HIT in reasons(d)

@@ -32,13 +32,14 @@ from kubernetes.client.exceptions import ApiException
 from rlhf_operator import kube, metrics, names, warmpool
 from rlhf_operator.api import RLHFJob, RLHFJobStatus
 from rlhf_operator.api.job import ObjectMeta
-from rlhf_operator.reconcile import kuberay, machine
+from rlhf_operator.reconcile import kuberay, machine, progress
 from rlhf_operator.reconcile.conditions import parse_time, status_patch
 from rlhf_operator.reconcile.model import (
     ClaimCluster,
     ClusterObservation,
     CreateCluster,
     CreateNetworkPolicy,
+    CreateProgress,
     CreateRayJob,
     Decision,
     DeleteCluster,
@@ -170,8 +171,12 @@ def decide(
     rayjobs: Index,
     now: datetime,
     pool: Index | None = None,
+    reports: Index | None = None,
 ) -> tuple[RLHFJobStatus, Decision]:
     """Validate and run the state machine (no I/O): (the status read, the decision).
+
+    `reports`: the RLHFJobProgress index; the job's trainer report is mirrored into the
+    status the machine starts from (progress fields only: reconcile/progress.py).
 
     A job being deleted is the finalizer's (`finalize_job`): decide leaves it as it is, so a
     timer tick racing the deletion never creates a child or a retry for it.
@@ -194,8 +199,10 @@ def decide(
         _pool_of(pool, job),
         _pooled_in(pool, meta.get("namespace")),
     )
+    report = _first(reports or {}, meta.get("namespace"), job.metadata.name)
+    reported = progress.mirror(status, report, meta.get("uid"), job.spec.enabled_stages())
     decision = machine.reconcile(
-        job, status, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
+        job, reported, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
     )
     return status, decision
 
@@ -207,6 +214,7 @@ def reconcile_job(
     post: PostEvent,
     now: datetime | None = None,
     pool: Index | None = None,
+    reports: Index | None = None,
 ) -> Decision | None:
     """One reconcile of one RLHFJob (the kopf timer calls this): the decision carried out, or
     None when none was (the job is gone, or kept changing under it: the next tick decides).
@@ -219,7 +227,7 @@ def reconcile_job(
     namespace, name = meta.get("namespace"), meta.get("name")
     for _ in range(1 + CONFLICT_RETRIES):
         try:
-            return _reconcile_once(body, clusters, rayjobs, post, now, pool)
+            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports)
         except StaleJob:
             logger.info("RLHFJob %s/%s changed since read; reading it again", namespace, name)
             fresh = kube.get_job(namespace, name)
@@ -237,18 +245,19 @@ def _reconcile_once(
     post: PostEvent,
     now: datetime,
     pool: Index | None,
+    reports: Index | None = None,
 ) -> Decision:
     """Decide and carry out, once (`StaleJob` when `body` is older than the stored job).
 
     A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
-    status, decision = decide(body, clusters, rayjobs, now, pool)
+    status, decision = decide(body, clusters, rayjobs, now, pool, reports)
     body, claimed = apply(body, status, decision, post, now)
     if claimed is None:
         return decision
     clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
-    status, decision = decide(body, clusters, rayjobs, now, pool)
+    status, decision = decide(body, clusters, rayjobs, now, pool, reports)
     apply(body, status, decision, post, now)
     return decision
 
@@ -349,6 +358,8 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
                     raise
         case CreateNetworkPolicy(manifest=manifest):
             kube.create_network_policy(manifest)
+        case CreateProgress(manifest=manifest):
+            kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
             kube.create_rayjob(manifest)
         case DeleteCluster(name=cluster):

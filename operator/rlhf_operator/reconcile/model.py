@@ -93,6 +93,13 @@ class CreateNetworkPolicy:
 
 
 @dataclass(frozen=True)
+class CreateProgress:
+    """Create the job's RLHFJobProgress unless it exists (409 = already there)."""
+
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class DeleteCluster:
     name: str
 
@@ -141,6 +148,7 @@ Action = (
     PinSpec
     | CreateCluster
     | CreateNetworkPolicy
+    | CreateProgress
     | DeleteCluster
     | ClaimCluster
     | ReleaseCluster
