@@ -264,21 +264,25 @@ def release_cluster(d: Draft, *, announce: bool = True) -> None:
         ):
             _pool(d, cluster.name, keep_alive, announce)
             return
-        if not stage_running and not room:
-            why = (
-                f" (the namespace holds {d.observed.pooled_in_namespace} warm clusters already:"
-                " the operator's maxPooledClusters)"
-            )
-        elif not stage_running and not cluster.pool.intact:
-            why = " (its spec changed since it was created: never pooled)"
-        else:
-            why = ""
+        why = "" if stage_running else _why_not_pooled(d, cluster.pool, room)
     else:
         why = ""
     d.actions.append(DeleteCluster(cluster.name))
     d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released{why}.")
     if announce:
         d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}{why}.")
+
+
+def _why_not_pooled(d: Draft, pool: warmpool.PoolCluster, room: bool) -> str:
+    """The tenancy reasons a pool-bound cluster is deleted instead (said in its message)."""
+    if not room:
+        return (
+            f" (the namespace holds {d.observed.pooled_in_namespace} warm clusters already: "
+            "the operator's maxPooledClusters)"
+        )
+    if not pool.intact:
+        return " (its spec changed since it was created: never pooled)"
+    return ""
 
 
 def _pool(d: Draft, name: str, keep_alive: int, announce: bool) -> None:
