@@ -22,6 +22,18 @@ from rlhf_operator.api import API_VERSION, KIND, RLHFJob
 from rlhf_operator.api.storage import PVC_MOUNT_ROOT, artifact_uri, pvc_claim
 
 GPU_RESOURCE = "nvidia.com/gpu"
+RAY_VERSION = "2.60.0"
+"""Ray in the trainer image (trainer_image/Dockerfile's RAY_VERSION; a test keeps them equal).
+KubeRay's token mode needs `spec.rayVersion` >= 2.52.0."""
+
+AUTH_MODE_TOKEN = "token"
+AUTH_TOKEN_KEY = "auth_token"
+"""KubeRay (>= 1.5.1, `authOptions.mode: token`) makes a Secret named after the RayCluster with
+the token under this key, and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container."""
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+GCS_PORT = 6379
+CLIENT_PORT = 10001
 TRAINER_SERVICE_ACCOUNT = "rlhf-trainer"
 """The chart's ServiceAccount for Ray pods when spec.cluster.serviceAccountName is empty."""
 
@@ -136,16 +148,24 @@ def job_env(job: RLHFJob) -> dict[str, str]:
 
 
 def _env(job: RLHFJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Container env and envFrom of the Ray pods: storage endpoint, storage Secret by name.
+    """Container env and envFrom of the Ray pods: storage endpoint, storage Secret by name, and
+    the user's spec.cluster.env/envFrom (Secrets and ConfigMaps by name, never their values).
 
     Only what the warm-pool signature covers (rlhf_operator.warmpool): nothing job-specific.
     """
     env: list[dict[str, Any]] = []
     storage = job.spec.storage
+    cluster = job.spec.cluster
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    env += [var.to_wire() for var in cluster.env]
     env_from = [{"secretRef": {"name": storage.secret_ref.name}}] if storage.secret_ref else []
+    env_from += [source.to_wire() for source in cluster.env_from]
     return env, env_from
+
+
+def _image_pull_secrets(job: RLHFJob) -> list[dict[str, str]]:
+    return [ref.to_wire() for ref in job.spec.cluster.image_pull_secrets]
 
 
 def _resources(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +200,7 @@ def _pod_template(
             "containers": [full_container],
             "volumes": volumes,
             **{k: v for k, v in pod.items() if v},
+            **({"imagePullSecrets": pulls} if (pulls := _image_pull_secrets(job)) else {}),
         },
     }
 
@@ -208,12 +229,16 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
             "name": HEAD_CONTAINER,
             "resources": _resources(head_resources.requests, head_resources.limits),
             "ports": [
-                {"name": "gcs-server", "containerPort": 6379},
-                {"name": "dashboard", "containerPort": DASHBOARD_PORT},
-                {"name": "client", "containerPort": 10001},
+                # protocol spelt out: the API server would default it, and the warm pool
+                # checks that a cluster's stored spec still hashes to what was built.
+                {"name": "gcs-server", "containerPort": GCS_PORT, "protocol": "TCP"},
+                {"name": "dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"},
+                {"name": "client", "containerPort": CLIENT_PORT, "protocol": "TCP"},
             ],
         },
         pod_labels,
+        nodeSelector=dict(cluster.head.node_selector),
+        tolerations=[t.to_wire() for t in cluster.head.tolerations],
     )
     worker = _pod_template(
         job,
@@ -233,6 +258,11 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
             "ownerReferences": [owner],
         },
         "spec": {
+            "rayVersion": RAY_VERSION,
+            # Ray's dashboard, client and GCS ports take any caller by default; KubeRay >= 1.5.1
+            # makes a per-cluster token Secret and hands it to every Ray container (an older
+            # KubeRay's CRD prunes this field: reconcile/cluster.py then fails the job).
+            "authOptions": {"mode": AUTH_MODE_TOKEN},
             "enableInTreeAutoscaling": False,
             "headGroupSpec": {
                 # The head schedules and runs stage drivers, never training: no GPU and no
@@ -263,7 +293,14 @@ def job_json(job: RLHFJob) -> str:
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
-        "spec": job.spec.to_wire(),
+        # The pods' env and pull Secrets are the cluster's business, not the trainer's: kept out
+        # of the entrypoint (a literal value would show in the RayJob and the Ray dashboard).
+        "spec": job.spec.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude_none=True,
+            exclude={"cluster": {"env", "env_from", "image_pull_secrets"}},
+        ),
     }
     return json.dumps(manifest, separators=(",", ":"), sort_keys=True)
 
@@ -278,14 +315,19 @@ def stage_entrypoint(job: RLHFJob, stage: str, attempt: int) -> str:
     return shlex.join(args)
 
 
-def _submitter_template(job: RLHFJob, labels: dict[str, str]) -> dict[str, Any]:
+def _submitter_template(job: RLHFJob, labels: dict[str, str], cluster_name: str) -> dict[str, Any]:
     """The pod that runs `ray job submit` (KubeRay fills in its command and dashboard address).
 
-    It needs no storage, no secrets and no API access, so it gets none of them.
+    It needs no storage and no API access, so it gets none; its one Secret is the cluster's Ray
+    token (by reference: KubeRay's Secret `<cluster>`, key auth_token), which `ray job submit`
+    reads from RAY_AUTH_TOKEN. KubeRay sets the same variables on submitters it knows need
+    them and leaves ones already set alone. The `rlhf.dev/ray-client` label lets it through
+    the cluster's NetworkPolicy to the dashboard.
     """
     cluster = job.spec.cluster
+    token = {"secretKeyRef": {"name": cluster_name, "key": AUTH_TOKEN_KEY}}
     return {
-        "metadata": {"labels": labels},
+        "metadata": {"labels": {**labels, names.LABEL_RAY_CLIENT: cluster_name}},
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
@@ -295,10 +337,15 @@ def _submitter_template(job: RLHFJob, labels: dict[str, str]) -> dict[str, Any]:
                     "name": SUBMITTER_CONTAINER,
                     "image": cluster.image,
                     "imagePullPolicy": cluster.image_pull_policy,
+                    "env": [
+                        {"name": RAY_AUTH_MODE_ENV, "value": AUTH_MODE_TOKEN},
+                        {"name": RAY_AUTH_TOKEN_ENV, "valueFrom": token},
+                    ],
                     "resources": SUBMITTER_RESOURCES,
                     "securityContext": _container_security_context(),
                 }
             ],
+            **({"imagePullSecrets": pulls} if (pulls := _image_pull_secrets(job)) else {}),
         },
     }
 
@@ -333,6 +380,82 @@ def build_stage_rayjob(
             "runtimeEnvYAML": json.dumps({"env_vars": job_env(job)}, sort_keys=True),
             "shutdownAfterJobFinishes": False,
             "submissionMode": "K8sJobMode",
-            "submitterPodTemplate": _submitter_template(job, labels),
+            "submitterPodTemplate": _submitter_template(job, labels, cluster_name),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- NetworkPolicy
+
+
+def cluster_owner_reference(cluster_name: str, cluster_uid: str) -> dict[str, Any]:
+    """A RayCluster as owner: its NetworkPolicy goes when the cluster goes (also a warm-pool
+    cluster that outlives its job). Not blocking: the operator may not update RayCluster
+    finalizers (OwnerReferencesPermissionEnforcement), and needs not."""
+    return {
+        "apiVersion": names.RAY_API_VERSION,
+        "kind": names.RAYCLUSTER_KIND,
+        "name": cluster_name,
+        "uid": cluster_uid,
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
+def build_network_policy(
+    cluster_name: str, namespace: str | None, cluster_uid: str, client_namespaces: list[str]
+) -> dict[str, Any]:
+    """Ingress to the Ray pods of one cluster: from its own pods on any port (Ray's object
+    manager and workers talk on many), and on the GCS, dashboard and client ports only from
+    the stage submitters of this cluster (label `rlhf.dev/ray-client: <cluster>`) and from
+    `client_namespaces` (KubeRay's, which polls the dashboard, and the operator's).
+
+    Labels are the only selector a NetworkPolicy has, and anyone who may create pods in the
+    namespace may set them: the Ray token (authOptions) is what authenticates; this policy
+    keeps every other namespace off the ports, and is a second wall if the token leaks.
+    """
+    cluster_pods = {"matchLabels": {names.LABEL_RAY_CLUSTER: cluster_name}}
+    clients: list[dict[str, Any]] = [
+        {"podSelector": {"matchLabels": {names.LABEL_RAY_CLIENT: cluster_name}}}
+    ]
+    if client_namespaces:
+        clients.append(
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": names.LABEL_NAMESPACE_NAME,
+                            "operator": "In",
+                            "values": sorted(set(client_namespaces)),
+                        }
+                    ]
+                }
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": names.network_policy_name(cluster_name),
+            "namespace": namespace,
+            "labels": {
+                names.LABEL_MANAGED_BY: names.MANAGED_BY,
+                names.LABEL_RAY_CLUSTER: cluster_name,
+            },
+            "ownerReferences": [cluster_owner_reference(cluster_name, cluster_uid)],
+        },
+        "spec": {
+            "podSelector": cluster_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": cluster_pods}]},
+                {
+                    "from": clients,
+                    "ports": [
+                        {"protocol": "TCP", "port": port}
+                        for port in (GCS_PORT, DASHBOARD_PORT, CLIENT_PORT)
+                    ],
+                },
+            ],
         },
     }

@@ -17,7 +17,8 @@ import kopf
 from rlhf_operator import events, metrics, names, pool_sweeper, warmpool
 from rlhf_operator import settings as operator_settings
 from rlhf_operator.api import GROUP, PLURAL, VERSION
-from rlhf_operator.reconcile import driver, kuberay
+from rlhf_operator.api.progress import PROGRESS_PLURAL
+from rlhf_operator.reconcile import driver, kuberay, progress
 
 
 @kopf.on.startup()
@@ -56,6 +57,11 @@ def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): kuberay.observe_rayjob(body)}
 
 
+@kopf.index(GROUP, VERSION, PROGRESS_PLURAL)
+def progress_reports(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): progress.observe_progress(body)}
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.RECONCILE_INTERVAL)
 @metrics.count_reconcile_errors
 def reconcile(
@@ -63,13 +69,29 @@ def reconcile(
     rayclusters: kopf.Index,
     rayjobs: kopf.Index,
     warm_pool: kopf.Index,
+    progress_reports: kopf.Index,
     **_: Any,
 ) -> None:
-    driver.reconcile_job(driver.snapshot(body), rayclusters, rayjobs, events.post, pool=warm_pool)
+    driver.reconcile_job(
+        driver.snapshot(body),
+        rayclusters,
+        rayjobs,
+        events.post,
+        pool=warm_pool,
+        reports=progress_reports,
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def finalize(body: kopf.Body, rayclusters: kopf.Index, rayjobs: kopf.Index, **_: Any) -> None:
-    decision = driver.finalize_job(driver.snapshot(body), rayclusters, rayjobs, events.post)
+def finalize(
+    body: kopf.Body,
+    rayclusters: kopf.Index,
+    rayjobs: kopf.Index,
+    warm_pool: kopf.Index,
+    **_: Any,
+) -> None:
+    decision = driver.finalize_job(
+        driver.snapshot(body), rayclusters, rayjobs, events.post, pool=warm_pool
+    )
     if decision.wait:
         raise kopf.TemporaryError(decision.wait, delay=1)

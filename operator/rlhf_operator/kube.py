@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from rlhf_operator import names
 from rlhf_operator.api import GROUP, PLURAL, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +55,9 @@ FRAMEWORK_PERMISSIONS: tuple[ApiCall, ...] = (
     ApiCall(names.RAY_GROUP, names.RAYCLUSTERS, "watch"),
     ApiCall(names.RAY_GROUP, names.RAYJOBS, "list"),
     ApiCall(names.RAY_GROUP, names.RAYJOBS, "watch"),
+    # ... and the trainers' progress reports (mirrored into RLHFJob status)
+    ApiCall(GROUP, PROGRESS_PLURAL, "list"),
+    ApiCall(GROUP, PROGRESS_PLURAL, "watch"),
     # kopf posts the operator's Events (kopf.event)
     ApiCall(CORE, "events", "create"),
     # kopf's scanning: notices CRDs and namespaces that appear after it started
@@ -133,6 +137,13 @@ def _core() -> kubernetes.client.CoreV1Api:
 def _items(response: Any) -> list[dict[str, Any]]:
     """A list's items as plain JSON (the typed models would drop nothing we read, but cost)."""
     return json.loads(response.data).get("items") or []
+
+
+def _networking() -> kubernetes.client.NetworkingV1Api:
+    with _lock:
+        if _client is None:
+            raise RuntimeError("rlhf_operator.kube.configure() was not called")
+        return kubernetes.client.NetworkingV1Api(_client)
 
 
 def _ignoring(status: int) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
@@ -234,6 +245,23 @@ def delete_raycluster_unchanged(namespace: str, name: str, resource_version: str
     return True
 
 
+# --------------------------------------------------------------------------- NetworkPolicies
+
+
+@api_call("networking.k8s.io", "networkpolicies", "create")
+def create_network_policy(manifest: dict[str, Any]) -> bool:
+    """Create unless it exists: True when created, False on 409."""
+    try:
+        _networking().create_namespaced_network_policy(
+            manifest["metadata"]["namespace"], manifest, _request_timeout=REQUEST_TIMEOUT
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- RayJobs
 
 
@@ -286,6 +314,25 @@ def list_pod_warnings(namespace: str, pod: str) -> list[dict[str, Any]]:
 def _unchanged_since(resource_version: str | None) -> dict[str, Any]:
     """The merge-patch part that makes a write conditional: 409 if the object changed since."""
     return {"resourceVersion": resource_version} if resource_version else {}
+
+
+@api_call(GROUP, PROGRESS_PLURAL, "create")
+def create_progress(manifest: dict[str, Any]) -> bool:
+    """Create a job's RLHFJobProgress unless it exists: True when created, False on 409."""
+    try:
+        _custom().create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            manifest["metadata"]["namespace"],
+            PROGRESS_PLURAL,
+            manifest,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+    return True
 
 
 @api_call(GROUP, f"{PLURAL}/status", "patch")

@@ -28,6 +28,9 @@ LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_RAY_CLUSTER = "ray.io/cluster"  # KubeRay's own: a RayJob's clusterSelector key
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "rlhf-operator"
+LABEL_RAY_CLIENT = f"{GROUP}/ray-client"
+"""On stage submitter pods: the RayCluster whose NetworkPolicy lets them reach the dashboard."""
+LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every Namespace by the API server
 
 ANNOTATION_PREFIX = GROUP  # kopf keeps its progress and diff-base under this prefix
 ANNOTATION_PINNED_SPEC = f"{GROUP}/pinned-spec"
@@ -49,6 +52,7 @@ RAYJOB_CONFLICT = "RayJobConflict"  # a RayJob at our name that is not ours: wai
 PROVISION_TIMEOUT = "ProvisionTimeout"  # spec.cluster.provisionTimeoutSeconds passed
 WARM_POOL_HIT = "WarmPoolHit"  # a warm cluster was claimed from the pool: no provisioning
 WARM_POOL_MISS = "WarmPoolMiss"  # a job that uses warm pools found none and creates its own
+WARM_POOL_TAMPERED = "WarmPoolTampered"  # a pooled cluster whose spec is not what it claims
 CLUSTER_POOLED = "ClusterPooled"  # a finished job's cluster went into the warm pool
 STAGE_STARTED = "StageStarted"
 STAGE_SUCCEEDED = "StageSucceeded"
@@ -61,6 +65,7 @@ JOB_RESUMED = "JobResumed"
 JOB_EXPIRED = "JobExpired"  # ttlSecondsAfterFinished reached: the RLHFJob is deleted
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 TOO_MANY_ATTEMPTS = "TooManyAttempts"
+RAY_AUTH_UNSUPPORTED = "RayAuthUnsupported"  # the API server dropped spec.authOptions (old KubeRay)
 
 # --------------------------------------------------------------------------- conditions
 
@@ -99,6 +104,11 @@ _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 def cluster_name(job: str) -> str:
     """The RayCluster a job creates: `<job>-ray`."""
     return f"{job}{CLUSTER_SUFFIX}"
+
+
+def network_policy_name(cluster: str) -> str:
+    """The NetworkPolicy guarding a RayCluster's pods: the cluster's own name."""
+    return cluster
 
 
 def rayjob_name(job: str, stage: str, attempt: int) -> str:

@@ -6,13 +6,16 @@ when a cluster may be pooled at all. The reconcile does the I/O.
 
 A pooled RayCluster is recognised by its labels and annotations::
 
-    labels:       rlhf.dev/pool-signature: <hash>        what it can be reused for
+    labels:       rlhf.dev/pool-signature: <hash>        what it can be reused for (stamped at
+                                                           creation, renewed on release)
                   rlhf.dev/pool-state: available|claimed
                   rlhf.dev/claimed-by: <job uid>           (claimed only)
-    annotations:  rlhf.dev/pool-expires-at: <RFC 3339>     (available only)
+    annotations:  rlhf.dev/pool-generation: "1"           metadata.generation at creation
+                  rlhf.dev/pool: <spec.warmPool.pool>     the explicit pool name ("" for none)
+                  rlhf.dev/pool-expires-at: <RFC 3339>     (available only)
                   rlhf.dev/released-by: <namespace>/<job>  the job that used it last
 
-Safety rests on two rules:
+Safety rests on three rules:
 
 1. The signature hashes the RayCluster spec the builders make for the job (image, pod shapes,
    GPUs, scheduling, ServiceAccount, Secret and volume mounts: everything baked into the pods,
@@ -25,6 +28,11 @@ Safety rests on two rules:
 2. A claim is one merge-patch carrying the cluster's `metadata.resourceVersion`: the API server
    applies it only if nobody wrote the cluster since it was read, so two racing jobs never both
    get it (the loser sees 409 Conflict and takes another cluster or creates its own).
+3. Labels are claims, not proof: a cluster is claimed (or pooled) only if its spec *as stored*
+   still hashes to its signature label and its `metadata.generation` is the one stamped at
+   creation. A `kubectl edit` of a pooled cluster (the API server bumps the generation), a
+   RayCluster labelled by hand, or one built by an operator version whose builders differ
+   (its spec no longer hashes to what this version builds) is never handed to a job.
 """
 
 from __future__ import annotations
@@ -46,6 +54,18 @@ LABEL_STATE = f"{GROUP}/pool-state"
 LABEL_CLAIMED_BY = f"{GROUP}/claimed-by"
 ANNOTATION_EXPIRES_AT = f"{GROUP}/pool-expires-at"
 ANNOTATION_RELEASED_BY = f"{GROUP}/released-by"
+ANNOTATION_GENERATION = f"{GROUP}/pool-generation"
+ANNOTATION_POOL = f"{GROUP}/pool"
+CREATED_GENERATION = 1
+"""The API server gives every new object `metadata.generation: 1` and bumps it on each change
+of its spec (never for metadata or status): stamped at creation, it tells a cluster whose spec
+was edited since."""
+
+SERVER_DEFAULTS: dict[str, Any] = {"protocol": "TCP", "numOfHosts": 1, "priority": 0}
+"""Fields the API server fills in from KubeRay's CRD defaults (ports' protocol, a worker
+group's numOfHosts and priority) when we leave them out: dropped, at these values, before
+hashing, so a stored spec hashes like the spec built. tests/unit/test_warmpool.py applies the
+real CRD's defaults to every built spec and holds this list to them."""
 
 STATE_AVAILABLE = "available"
 STATE_CLAIMED = "claimed"
@@ -70,25 +90,66 @@ _SIGNATURE_CLUSTER_NAME = "pool"  # the name is metadata, not spec: any placehol
 # --------------------------------------------------------------------------- the signature
 
 
+def _hash(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:SIGNATURE_LENGTH]
+
+
+def _without_server_defaults(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _without_server_defaults(v)
+            for k, v in value.items()
+            if not (k in SERVER_DEFAULTS and v == SERVER_DEFAULTS[k])
+        }
+    if isinstance(value, list):
+        return [_without_server_defaults(item) for item in value]
+    return value
+
+
+def spec_digest(spec: Mapping[str, Any]) -> str:
+    """Hash of a RayCluster spec, the same for the spec built and the spec the API stored."""
+    return _hash(_without_server_defaults(spec))
+
+
 def signature_material(job: RLHFJob) -> dict[str, Any]:
     """Everything that must be equal for two jobs to share a Ray cluster (hashed as is).
 
     The RayCluster spec the builders make for the job: what the pods run and mount, whoever
-    wrote the field (spec.cluster, storage Secret and endpoint, every pvc:// claim the job reads
-    or writes). Plus the namespace (no reuse across tenants) and the explicit pool name.
+    wrote the field (spec.cluster incl. env, envFrom, pull Secrets and head scheduling, storage
+    Secret and endpoint, every pvc:// claim the job reads or writes). Plus the namespace (no
+    reuse across tenants) and the explicit pool name.
     """
     cluster = builders.build_raycluster(job, _SIGNATURE_CLUSTER_NAME, owner={})
     return {
         "namespace": job.metadata.namespace or "",
         "pool": job.spec.warm_pool.pool,
-        "rayClusterSpec": cluster["spec"],
+        "rayClusterSpec": spec_digest(cluster["spec"]),
     }
+
+
+def signature_of(namespace: str, pool: str | None, digest: str) -> str:
+    """The signature of a cluster of `namespace` and `pool` whose spec hashes to `digest`."""
+    return _hash({"namespace": namespace, "pool": pool or None, "rayClusterSpec": digest})
 
 
 def pool_signature(job: RLHFJob) -> str:
     """A stable short hash of `signature_material(job)` (canonical JSON, sha256)."""
-    canonical = json.dumps(signature_material(job), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:SIGNATURE_LENGTH]
+    material = signature_material(job)
+    return signature_of(material["namespace"], material["pool"], material["rayClusterSpec"])
+
+
+def stamp(manifest: dict[str, Any], job: RLHFJob) -> dict[str, Any]:
+    """The RayCluster manifest about to be created, stamped with its signature and generation
+    (what a later claim checks it against: module docstring, rule 3)."""
+    meta = manifest["metadata"]
+    meta["labels"] = {**meta.get("labels", {}), LABEL_SIGNATURE: pool_signature(job)}
+    meta["annotations"] = {
+        **meta.get("annotations", {}),
+        ANNOTATION_GENERATION: str(CREATED_GENERATION),
+        ANNOTATION_POOL: job.spec.warm_pool.pool or "",
+    }
+    return manifest
 
 
 # --------------------------------------------------------------------------- observing
@@ -109,6 +170,22 @@ class PoolCluster:
     healthy: bool = False
     owned: bool = False  # has ownerReferences (a job's, not the pool's)
     deleting: bool = False
+    generation: int | None = None  # metadata.generation now
+    stamped_generation: int | None = None  # ... as stamped at creation
+    pool_name: str | None = None
+    spec_digest: str | None = None  # of the spec as stored
+
+    @property
+    def intact(self) -> bool:
+        """Its spec is still the one it was created with (generation unchanged) and still
+        hashes to its signature label: not edited, not labelled by hand, not built by other
+        builders."""
+        return (
+            self.stamped_generation is not None
+            and self.generation == self.stamped_generation
+            and self.spec_digest is not None
+            and self.signature == signature_of(self.namespace, self.pool_name, self.spec_digest)
+        )
 
     def expired(self, now: datetime) -> bool:
         """An available cluster past its expiry (or with no readable expiry: never claimable)."""
@@ -123,9 +200,11 @@ class PoolCluster:
         return max((self.expires_at - now).total_seconds(), 0.0)
 
     def claimable(self, signature: str, now: datetime) -> bool:
-        """Available for `signature`: unexpired, healthy, owned by nobody, not being deleted."""
+        """Available for `signature`: intact, unexpired, healthy, owned by nobody, not being
+        deleted."""
         return (
             self.signature == signature
+            and self.intact
             and self.state == STATE_AVAILABLE
             and not self.expired(now)
             and self.healthy
@@ -143,6 +222,7 @@ def observe(body: Mapping[str, Any]) -> PoolCluster:
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
+    spec = body.get("spec")
     return PoolCluster(
         namespace=meta.get("namespace") or "",
         name=meta.get("name") or "",
@@ -155,7 +235,18 @@ def observe(body: Mapping[str, Any]) -> PoolCluster:
         healthy=is_healthy(body),
         owned=bool(meta.get("ownerReferences")),
         deleting=bool(meta.get("deletionTimestamp")),
+        generation=_int(meta.get("generation")),
+        stamped_generation=_int(annotations.get(ANNOTATION_GENERATION)),
+        pool_name=annotations.get(ANNOTATION_POOL),
+        spec_digest=spec_digest(spec) if isinstance(spec, Mapping) else None,
     )
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def is_healthy(body: Mapping[str, Any]) -> bool:
@@ -179,14 +270,30 @@ def cluster_at_fault(reason: str | None) -> bool:
     return reason in CLUSTER_FAULT_REASONS
 
 
-def is_poolable(*, healthy: bool, failed_by_cluster: bool) -> bool:
+def is_poolable(
+    *, healthy: bool, failed_by_cluster: bool, intact: bool = True, room: bool = True
+) -> bool:
     """May the cluster of a job that is done with it go into the pool?
 
-    Never a cluster that is unhealthy or that made the job fail. A job that failed for its own
-    reasons (a stage exited non-zero, a deadline) leaves a good cluster behind: pooled like a
-    succeeded job's. The caller also waits until no stage RayJob of the job still runs on it.
+    Never a cluster that is unhealthy or that made the job fail, one whose spec changed since
+    it was created (`PoolCluster.intact`), nor one beyond the namespace's pool size (`room`).
+    A job that failed for its own reasons (a stage exited non-zero, a deadline) leaves a good
+    cluster behind: pooled like a succeeded job's. The caller also waits until no stage RayJob
+    of the job still runs on it.
     """
-    return healthy and not failed_by_cluster
+    return healthy and not failed_by_cluster and intact and room
+
+
+def tampered(clusters: Iterable[PoolCluster], signature: str) -> list[PoolCluster]:
+    """Available clusters labelled with `signature` that fail the integrity check (rule 3)."""
+    return sorted(
+        (
+            c
+            for c in clusters
+            if c.signature == signature and c.state == STATE_AVAILABLE and not c.intact
+        ),
+        key=lambda c: c.name,
+    )
 
 
 def candidates(clusters: Iterable[PoolCluster], signature: str, now: datetime) -> list[PoolCluster]:
@@ -224,7 +331,11 @@ def next_expiry(clusters: Iterable[PoolCluster], now: datetime) -> float | None:
 
 
 def release_patch(
-    job_meta: Mapping[str, Any], signature: str, keep_alive_seconds: int, now: datetime
+    job_meta: Mapping[str, Any],
+    signature: str,
+    keep_alive_seconds: int,
+    now: datetime,
+    job_pool: str | None = None,
 ) -> dict[str, Any]:
     """Merge-patch that moves a finished job's cluster into the pool.
 
@@ -243,6 +354,7 @@ def release_patch(
                 LABEL_STATE: STATE_AVAILABLE,
             },
             "annotations": {
+                ANNOTATION_POOL: job_pool or "",
                 ANNOTATION_EXPIRES_AT: format_time(deadline),
                 ANNOTATION_RELEASED_BY: f"{job_meta.get('namespace', '')}/{job_meta['name']}",
             },

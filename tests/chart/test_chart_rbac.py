@@ -5,7 +5,7 @@ every request the operator's code makes (`@api_call`) plus what kopf does for it
 (`FRAMEWORK_PERMISSIONS`). That registry is only complete if no other operator module calls the
 API, and kopf's share only if it covers the handlers kopf actually registered: both are checked
 here from the code. Trainer: its Role is compared with the API calls found in rlhf_trainer's
-source (progress reporting to rlhfjobs/status).
+source (progress reporting to rlhfjobprogresses/status).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from chart_helpers import RELEASE, REPO, Render, by_kind
 from kopf._cogs.structs.references import Resource, Selector
 from rlhf_operator import kube, names
 from rlhf_operator.api import GROUP, KIND, PLURAL, SINGULAR, VERSION
+from rlhf_operator.api.progress import PROGRESS_KIND, PROGRESS_PLURAL, PROGRESS_SINGULAR
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 
@@ -145,6 +146,8 @@ def test_operator_calls_the_api_only_through_the_registry() -> None:
 # The resources the operator's handlers can match, as kopf resolves them from API discovery.
 KNOWN_RESOURCES = (
     Resource(GROUP, VERSION, PLURAL, kind=KIND, singular=SINGULAR, namespaced=True),
+    Resource(GROUP, VERSION, PROGRESS_PLURAL, kind=PROGRESS_KIND, singular=PROGRESS_SINGULAR,
+             namespaced=True),
     Resource(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS, kind=names.RAYCLUSTER_KIND,
              singular="raycluster", namespaced=True),
     Resource(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS, kind=names.RAYJOB_KIND,
@@ -194,15 +197,19 @@ def trainer_api_calls() -> set[Grant]:
         match = re.match(r"^(\w+?)_namespaced_custom_object(_status)?$", name)
         assert match, f"{where}: {name} is not a custom-object call; extend the trainer Role"
         names = {arg.id for arg in call.args if isinstance(arg, ast.Name)}
-        assert {"GROUP", "PLURAL"} <= names, f"{where}: {name} on something other than RLHFJobs"
-        resource = f"{PLURAL}/status" if match.group(2) else PLURAL
+        assert "GROUP" in names, f"{where}: {name} outside the rlhf.dev group"
+        plural = PROGRESS_PLURAL if "PROGRESS_PLURAL" in names else PLURAL
+        assert {"PLURAL", "PROGRESS_PLURAL"} & names, f"{where}: {name} on an unknown resource"
+        resource = f"{plural}/status" if match.group(2) else plural
         grants.add((GROUP, resource, RBAC_VERB[match.group(1)]))
     return grants
 
 
 def test_trainer_role_grants_exactly_what_progress_reporting_uses(render: Render) -> None:
     used = trainer_api_calls()
-    assert (GROUP, f"{PLURAL}/status", "patch") in used  # the progress merge-patch
+    # The progress merge-patch, on the trainer's own object, and nothing on RLHFJobs: their
+    # status drives the operator (the trainer cannot steer it).
+    assert used == {(GROUP, f"{PROGRESS_PLURAL}/status", "patch")}
     for sets in ((), ("watchNamespace=team-a",), ("trainer.namespaces={a,b}",)):
         roles = [
             d for d in by_kind(render(*sets), "Role") if d["metadata"]["name"].endswith("-trainer")

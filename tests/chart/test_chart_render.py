@@ -12,7 +12,20 @@ import yaml
 from chart_helpers import CHART, RELEASE, RELEASE_NAMESPACE, REPO, Render, by_kind, one, run_helm
 from rlhf_operator.__main__ import parse_args
 from rlhf_operator.builders import TRAINER_SERVICE_ACCOUNT
-from rlhf_operator.crd import CHART_CRD_FILE, CRD_FILE, render_crd
+from rlhf_operator.crd import (
+    CHART_CRD_FILE,
+    CHART_PROGRESS_CRD_FILE,
+    CRD_FILE,
+    PROGRESS_CRD_FILE,
+    render_crd,
+    render_progress_crd,
+)
+
+# Each CRD the chart installs: (its file in crds/, its copy in the chart, what generates it)
+CRDS = [
+    (CRD_FILE, CHART_CRD_FILE, render_crd),
+    (PROGRESS_CRD_FILE, CHART_PROGRESS_CRD_FILE, render_progress_crd),
+]
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas
 # kubernetes-validate ships.
@@ -97,17 +110,25 @@ def test_metrics_objects_are_opt_in(render: Render) -> None:
 # --------------------------------------------------------------------------- the CRD
 
 
-def test_chart_crd_file_is_the_generated_crd() -> None:
-    assert CHART_CRD_FILE.read_text() == CRD_FILE.read_text(), (
-        f"{CHART_CRD_FILE.relative_to(REPO)} differs from {CRD_FILE.relative_to(REPO)}: run "
+def _crd(docs: list[dict[str, Any]], generated_file: Path) -> dict[str, Any]:
+    name = yaml.safe_load(generated_file.read_text())["metadata"]["name"]
+    (crd,) = [d for d in by_kind(docs, "CustomResourceDefinition") if d["metadata"]["name"] == name]
+    return crd
+
+
+@pytest.mark.parametrize(("crd_file", "chart_file", "generate"), CRDS)
+def test_chart_crd_file_is_the_generated_crd(crd_file: Path, chart_file: Path, generate) -> None:
+    assert chart_file.read_text() == crd_file.read_text(), (
+        f"{chart_file.relative_to(REPO)} differs from {crd_file.relative_to(REPO)}: run "
         "`make crds` and commit both"
     )
-    assert CRD_FILE.read_text() == render_crd(), "crds/ is stale: run `make crds`"
+    assert crd_file.read_text() == generate(), "crds/ is stale: run `make crds`"
 
 
-def test_rendered_crd_is_the_generated_crd_plus_labels(render: Render) -> None:
-    crd = one(render(), "CustomResourceDefinition")
-    generated = yaml.safe_load(CRD_FILE.read_text())
+@pytest.mark.parametrize("crd_file", [c[0] for c in CRDS])
+def test_rendered_crd_is_the_generated_crd_plus_labels(render: Render, crd_file: Path) -> None:
+    crd = _crd(render(), crd_file)
+    generated = yaml.safe_load(crd_file.read_text())
     metadata = crd["metadata"]
     assert metadata.pop("labels")["app.kubernetes.io/instance"] == RELEASE
     # Kept on uninstall: deleting the CRD would delete every RLHFJob and, through owner
@@ -118,10 +139,12 @@ def test_rendered_crd_is_the_generated_crd_plus_labels(render: Render) -> None:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_crd_is_a_valid_crd(render: Render, version: str) -> None:
-    crd = one(render(), "CustomResourceDefinition")
-    kubernetes_validate.validate(crd, version, strict=True)
-    (served,) = crd["spec"]["versions"]
-    assert served["subresources"] == {"status": {}}
+    crds = by_kind(render(), "CustomResourceDefinition")
+    assert len(crds) == len(CRDS)
+    for crd in crds:
+        kubernetes_validate.validate(crd, version, strict=True)
+        (served,) = crd["spec"]["versions"]
+        assert served["subresources"] == {"status": {}}
 
 
 def test_packaged_chart_still_carries_the_crd(helm: str, tmp_path: Path) -> None:
@@ -132,14 +155,14 @@ def test_packaged_chart_still_carries_the_crd(helm: str, tmp_path: Path) -> None
     (package,) = tmp_path.glob("rlhf-operator-*.tgz")
     done = run_helm(helm, "template", RELEASE, str(package), "--show-only", "templates/crds.yaml")
     assert done.returncode == 0, done.stderr
-    crd = yaml.safe_load(done.stdout)
-    assert crd["metadata"]["name"] == yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
+    rendered = {d["metadata"]["name"] for d in yaml.safe_load_all(done.stdout) if d}
+    assert rendered == {yaml.safe_load(f.read_text())["metadata"]["name"] for f, _, _ in CRDS}
 
 
 def test_crds_can_be_left_to_someone_else(render: Render) -> None:
     assert not by_kind(render("crds.enabled=false"), "CustomResourceDefinition")
-    crd = one(render("crds.keep=false"), "CustomResourceDefinition")
-    assert "annotations" not in crd["metadata"]
+    for crd in by_kind(render("crds.keep=false"), "CustomResourceDefinition"):
+        assert "annotations" not in crd["metadata"]
 
 
 # --------------------------------------------------------------------------- the Deployment
@@ -294,4 +317,24 @@ def test_chart_files_have_no_stray_copies() -> None:
     """The chart's only CRD source is files/crds (written by `make crds`); helm's own crds/
     folder would install a second, never-upgraded copy."""
     assert not (CHART / "crds").exists()
-    assert sorted(p.name for p in (CHART / "files" / "crds").iterdir()) == [CRD_FILE.name]
+    assert sorted(p.name for p in (CHART / "files" / "crds").iterdir()) == sorted(
+        chart_file.name for _, chart_file, _ in CRDS
+    )
+
+
+def test_tenancy_settings_reach_the_operator(render: Render) -> None:
+    """The chart's networkPolicy and warmPool values become the environment that
+    rlhf_operator/tenancy.py reads (same names), and POD_NAMESPACE names the operator's own."""
+    import inspect
+
+    from rlhf_operator import tenancy
+
+    docs = render("networkPolicy.rayClientNamespaces={kuberay,team-tools}")
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["RLHF_RAY_CLIENT_NAMESPACES"]["value"] == "kuberay,team-tools"
+    assert env["RLHF_NETWORK_POLICIES"]["value"] == "true"
+    assert env["RLHF_MAX_POOLED_CLUSTERS"]["value"] == "4"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    source = inspect.getsource(tenancy)
+    for name in env:
+        assert f'"{name}"' in source, f"tenancy.py does not read {name}"

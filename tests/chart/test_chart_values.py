@@ -22,6 +22,8 @@ BAD_VALUES = [
     ("watchNamespaces=team-a", ["watchNamespaces", "not allowed"]),
     ("metrics.serviceMonitor.interval=30", ["/metrics/serviceMonitor/interval", "string"]),
     ("resources.limits.memory=lots", ["/resources/limits/memory", "does not match pattern"]),
+    ("warmPool.maxPooledClusters=-1", ["/warmPool/maxPooledClusters", "minimum"]),
+    ("networkPolicy.rayClientNamespaces[0]=Ray_System", ["/networkPolicy/rayClientNamespaces/0"]),
     # cross-field checks in the templates
     ("metrics.port=8080", ["metrics.port", "operator.healthPort"]),
     ("metrics.serviceMonitor.enabled=true", ["metrics.serviceMonitor.enabled", "metrics.service"]),

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from chart_helpers import CHART, REPO
 from packaging.requirements import Requirement
-from rlhf_operator.builders import RAY_GID, RAY_UID
+from rlhf_operator.builders import RAY_GID, RAY_UID, RAY_VERSION
 
 OPERATOR = REPO / "operator" / "Dockerfile"
 TRAINER = REPO / "trainer_image" / "Dockerfile"
@@ -139,6 +139,8 @@ def test_trainer_image_is_cuda_pinned_and_matches_the_ray_pods() -> None:
     assert re.search(r":\d+\.\d+\.\d+-cudnn-", dockerfile.final.base), "pin the CUDA version"
     # The Ray pods run as the uid/gid the operator's builders put in their securityContext.
     assert final_user(dockerfile) == (RAY_UID, RAY_GID)
+    # ... and the Ray the RayCluster declares (spec.rayVersion: KubeRay's token auth needs it).
+    assert dockerfile.args["RAY_VERSION"] == RAY_VERSION
 
 
 def test_trainer_pins_satisfy_pyproject() -> None:

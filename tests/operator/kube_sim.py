@@ -54,6 +54,7 @@ from emulator import Emulator, InvalidError
 from kmock._internal import rendering
 from rlhf_operator import names
 from rlhf_operator.api import GROUP, KIND, PLURAL, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
 from rlhf_operator.crd import build_crd
 
 JOBS = f"{GROUP}/{VERSION}/{PLURAL}"
@@ -61,6 +62,7 @@ RAYCLUSTERS = f"{names.RAY_API_VERSION}/{names.RAYCLUSTERS}"
 RAYJOBS = f"{names.RAY_API_VERSION}/{names.RAYJOBS}"
 EVENTS = "v1/events"
 PODS = "v1/pods"
+PROGRESSES = f"{GROUP}/{VERSION}/{PROGRESS_PLURAL}"  # the trainers' reports (api/progress.py)
 ALL_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
@@ -295,6 +297,9 @@ def declare_resources(api: kmock.KubernetesEmulator) -> None:
         api.resources[resource] = info(
             kind=kind, namespaced=True, verbs=ALL_VERBS, subresources={"status"}
         )
+    api.resources[PROGRESSES] = info(
+        kind="RLHFJobProgress", namespaced=True, verbs=ALL_VERBS, subresources={"status"}
+    )
     api.resources[EVENTS] = info(kind="Event", namespaced=True, verbs=ALL_VERBS)
     api.resources[PODS] = info(
         kind="Pod", namespaced=True, verbs=ALL_VERBS, subresources={"status"}

@@ -12,7 +12,8 @@ from typing import Any
 
 import kmock
 from kube_sim import RLHFEmulator, create_job, sample_job
-from rlhf_operator import kube, names
+from rlhf_operator import builders, kube, names
+from rlhf_operator.reconcile import progress
 
 NS = "ns"
 VERBS = {
@@ -56,6 +57,12 @@ CALLS: dict[str, Callable[[], Any]] = {
     "delete_job": lambda: kube.delete_job(NS, "demo"),
     "list_cluster_pods": lambda: kube.list_cluster_pods(NS, "c1"),
     "list_pod_warnings": lambda: kube.list_pod_warnings(NS, "c1-head-x"),
+    "create_progress": lambda: kube.create_progress(
+        progress.build_progress("demo", NS, builders.owner_reference({"name": "demo", "uid": "u"}))
+    ),
+    "create_network_policy": lambda: kube.create_network_policy(
+        builders.build_network_policy("c1", NS, "uid-1", ["ray-system"])
+    ),
 }
 
 
@@ -66,7 +73,8 @@ def test_every_function_that_calls_the_api_is_registered() -> None:
         if fn.__module__ == kube.__name__
         and not name.startswith("_")
         and any(
-            s in inspect.getsource(fn) for s in ("_custom()", "_core()", "_create(", "_delete(")
+            s in inspect.getsource(fn)
+            for s in ("_custom()", "_core()", "_networking()", "_create(", "_delete(")
         )
     }
     assert calls_api == set(kube.API_CALLS)

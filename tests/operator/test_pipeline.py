@@ -6,6 +6,7 @@ conditions, Events, and which RayClusters/RayJobs exist or ever existed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 from typing import Any
@@ -16,6 +17,7 @@ from kube_sim import (
     HANG,
     JOBS,
     MERGE_PATCH,
+    PROGRESSES,
     RAYCLUSTERS,
     RAYJOBS,
     SUCCEED,
@@ -31,6 +33,7 @@ from kube_sim import (
     stage_of,
 )
 from rlhf_operator import names
+from rlhf_operator.api import PLURAL as JOBS_PLURAL
 
 NS = "ns"
 STAGES = ("sft", "reward", "ppo", "evaluation")
@@ -72,6 +75,13 @@ async def test_happy_path_runs_all_four_stages_on_one_cluster(
 
     assert kuberay.submitted == [f"happy-{stage}-1" for stage in STAGES]
     assert ever_existed(api, RAYCLUSTERS) == ["happy-ray"]
+    # Ray token auth on the cluster, and a NetworkPolicy owned by it (deleted with it).
+    created = api.objects[kmock.resource(RAYCLUSTERS), NS, "happy-ray"].history[0]
+    assert created["spec"]["authOptions"] == {"mode": "token"}
+    policy = api.get("networking.k8s.io/v1/networkpolicies", NS, "happy-ray")
+    assert policy is not None, "the cluster's NetworkPolicy was not created"
+    (owner,) = policy["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("RayCluster", created["metadata"]["uid"])
     for stage in STAGES:
         spec = api.get(RAYJOBS, NS, f"happy-{stage}-1")["spec"]
         assert spec["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "happy-ray"}
@@ -288,3 +298,34 @@ async def test_stage_changes_after_start_are_ignored_with_a_warning(
     args = entrypoint(api, "steady-ppo-1")
     assert '"steps":100' in args[args.index("--job") + 1]  # the spec it started with
     assert status(api, "steady")["observedGeneration"] == 2
+
+
+async def test_the_trainers_report_reaches_the_job_through_its_progress_object(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    """The trainer (its real sink) writes only the job's RLHFJobProgress; the operator mirrors
+    the numbers into the RLHFJob, columns included, and nothing the report says steers it."""
+    from kubernetes import client
+    from rlhf_trainer.progress import ProgressReporter
+    from rlhf_trainer.status_sink import KubernetesStatusSink
+
+    kuberay.plan = lambda rj: HANG if stage_of(rj)[0] == "sft" else SUCCEED
+    await create_job(api, sample_job("tracked"))
+    await eventually(running(api, "tracked-sft-1"))
+    progress = await eventually(lambda: api.get(PROGRESSES, NS, "tracked"))
+    assert progress["metadata"]["ownerReferences"][0]["name"] == "tracked"
+
+    configuration = client.Configuration(host=str(api.url).rstrip("/"))
+    sink = KubernetesStatusSink("tracked", NS, "sft", api_client=client.ApiClient(configuration))
+    reporter = ProgressReporter("sft", 10, [sink], interval_s=0)
+    await asyncio.to_thread(reporter.update, 4, {"loss": 1.5})
+    await eventually(lambda: status(api, "tracked").get("progress") == "sft 1/4 40%")
+    sft = status(api, "tracked")["stages"]["sft"]
+    assert sft["metrics"] == {"loss": 1.5} and sft["progress"]["step"] == 4
+    assert status(api, "tracked")["phase"] == "Running"
+    # The only rlhf.dev writes besides the operator's own to RLHFJobs: the trainer's report.
+    patched = [r for r in api if r.method.value == "PATCH" and r.resource is not None]
+    ours = {(r.resource.plural, r.subresource) for r in patched if r.resource.group == "rlhf.dev"}
+    assert ours - {(JOBS_PLURAL, None), (JOBS_PLURAL, "status")} == {
+        ("rlhfjobprogresses", "status")
+    }

@@ -1,4 +1,5 @@
-"""The trainer's progress reports land in RLHFJob status over real HTTP (KMock's emulator).
+"""The trainer's progress reports land in its job's RLHFJobProgress over real HTTP (KMock's
+emulator); the operator mirrors them into the RLHFJob (test_pipeline.py shows that end to end).
 
 The trainer side is synchronous (the official `kubernetes` client), so each "training loop" runs
 in a worker thread while the emulator serves on the test's event loop.
@@ -18,11 +19,13 @@ import pytest
 import pytest_asyncio
 import yaml
 from kubernetes import client
-from rlhf_operator.api import GROUP, PLURAL, VERSION
+from rlhf_operator.api import GROUP, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
+from rlhf_operator.reconcile.progress import build_progress
 from rlhf_trainer.progress import ProgressReporter
 from rlhf_trainer.status_sink import KubernetesStatusSink
 
-RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
+RESOURCE = f"{GROUP}/{VERSION}/{PROGRESS_PLURAL}"
 NAMESPACE, NAME = "team-a", "demo"
 FAKE_TOKEN = "sa-token-must-never-be-logged"
 
@@ -45,7 +48,8 @@ class AuthorizingEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(
                 status=403,
                 reason="Forbidden",
-                message=f'cannot {request.method.value.lower()} resource "{PLURAL}/status"',
+                message=f"cannot {request.method.value.lower()} resource "
+                f'"{PROGRESS_PLURAL}/status"',
             )
         return await super()._handle(request)
 
@@ -53,27 +57,10 @@ class AuthorizingEmulator(kmock.KubernetesEmulator):
 @pytest_asyncio.fixture()
 async def emulator() -> AsyncIterator[AuthorizingEmulator]:
     async with AuthorizingEmulator() as handler, kmock.Server(handler):
-        handler.objects[RESOURCE, NAMESPACE, NAME] = job_manifest()
+        # as the operator creates it when the stage starts
+        owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RLHFJob", "name": NAME, "uid": "u"}
+        handler.objects[RESOURCE, NAMESPACE, NAME] = build_progress(NAME, NAMESPACE, owner)
         yield handler
-
-
-def job_manifest() -> dict[str, Any]:
-    data = {"uri": "/data/x.jsonl"}
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RLHFJob",
-        "metadata": {"name": NAME, "namespace": NAMESPACE},
-        "spec": {
-            "model": {"base": "gpt2"},
-            "storage": {"uri": "s3://bucket/runs"},
-            "stages": {
-                "sft": {"dataset": data},
-                "reward": {"dataset": data},
-                "ppo": {"prompts": data},
-            },
-        },
-        "status": {"phase": "Running", "stage": "ppo"},
-    }
 
 
 def api_client_for(emulator: AuthorizingEmulator) -> client.ApiClient:
@@ -107,7 +94,7 @@ def train(reporter: ProgressReporter, steps: int, rewards: list[float]) -> int:
     return done
 
 
-async def test_progress_and_columns_reach_the_job_status(emulator: AuthorizingEmulator) -> None:
+async def test_progress_reaches_the_jobs_progress_object(emulator: AuthorizingEmulator) -> None:
     sink = KubernetesStatusSink(NAME, NAMESPACE, "ppo", api_client=api_client_for(emulator))
     reporter = ProgressReporter("ppo", 10, [sink], clock=StepClock())
 
@@ -117,19 +104,17 @@ async def test_progress_and_columns_reach_the_job_status(emulator: AuthorizingEm
     assert (progress["percent"], progress["step"], progress["totalSteps"]) == (40.0, 4, 10)
     assert progress["etaSeconds"] > 0
     assert status["stages"]["ppo"]["metrics"] == {"reward_mean": 0.4567, "kl": 0.02}
-    assert status["progress"] == "ppo 3/4 40%"  # position read from the job's own spec
-    assert status["reward"] == "0.457"
-    assert status["phase"] == "Running"  # the operator's fields are left alone
+    assert set(status) == {"stages"}  # nothing but the stage's report
 
     await asyncio.to_thread(reporter.finish, {"reward_mean": 0.731})
     status = stored_status(emulator)
     assert status["stages"]["ppo"]["progress"]["percent"] == 100.0
-    assert status["progress"] == "ppo 3/4 100%"
-    assert status["reward"] == "0.731"
     assert [p["step"] for p in status["stages"]["ppo"]["history"]] == [4, 10]
 
     patches = [r for r in emulator if r.method.value == "PATCH"]
+    # Only the progress object's status: no request reaches an RLHFJob at all.
     assert patches and all(r.subresource == "status" for r in patches)
+    assert {r.resource.plural for r in emulator if r.resource is not None} == {PROGRESS_PLURAL}
     assert all(r.headers["Content-Type"] == "application/merge-patch+json" for r in patches)
 
 
@@ -156,24 +141,20 @@ async def test_from_env_finds_the_job_through_a_kubeconfig(
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("RLHF_PROGRESS_FILE", raising=False)
 
-    reporter = ProgressReporter.from_env("sft", 8, enabled_stages=["sft", "ppo"], clock=StepClock())
+    reporter = ProgressReporter.from_env("sft", 8, clock=StepClock())
     await asyncio.to_thread(reporter.update, 2, {"loss": 2.5})
     await asyncio.to_thread(reporter.finish, {"loss": 1.25, "eval_loss": 1.5})
 
     status = stored_status(emulator)
-    assert status["progress"] == "sft 1/2 100%"
     assert status["stages"]["sft"]["metrics"] == {"loss": 1.25, "eval_loss": 1.5}
     assert status["stages"]["sft"]["progress"]["step"] == 8
-    assert "reward" not in status
 
 
 async def test_forbidden_status_patch_warns_once_and_training_goes_on(
     emulator: AuthorizingEmulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     emulator.denied.add(("PATCH", "status"))
-    sink = KubernetesStatusSink(
-        NAME, NAMESPACE, "ppo", enabled_stages=["ppo"], api_client=api_client_for(emulator)
-    )
+    sink = KubernetesStatusSink(NAME, NAMESPACE, "ppo", api_client=api_client_for(emulator))
     reporter = ProgressReporter("ppo", 5, [sink], clock=StepClock())
 
     with caplog.at_level(logging.DEBUG):
@@ -183,8 +164,8 @@ async def test_forbidden_status_patch_warns_once_and_training_goes_on(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [
         "progress reporting disabled: the trainer's ServiceAccount lacks patch on "
-        f"rlhfjobs/status in namespace {NAMESPACE} (403 Forbidden); grant it with the "
-        "chart's trainer Role"
+        f"rlhfjobprogresses/status in namespace {NAMESPACE} (403 Forbidden); grant it with "
+        "the chart's trainer Role"
     ]
     assert FAKE_TOKEN not in caplog.text
     assert len([r for r in emulator if r.method.value == "PATCH"]) == 1  # then disabled

@@ -59,6 +59,10 @@ def warm_cluster_for(manifest: dict[str, Any]) -> driver.Index:
         state=warmpool.STATE_AVAILABLE,
         expires_at=datetime.now(UTC) + timedelta(seconds=300),
         healthy=True,
+        # intact: created with generation 1, never edited, its spec what this job builds
+        generation=1,
+        stamped_generation=1,
+        spec_digest=warmpool.signature_material(job)["rayClusterSpec"],
     )
     return {(NS, signature): (warm,)}
 

@@ -14,6 +14,7 @@ import pytest
 from kube_sim import (
     HANG,
     JOBS,
+    MERGE_PATCH,
     RAYCLUSTERS,
     RAYJOBS,
     SUCCEED,
@@ -400,3 +401,23 @@ async def _patch_status(
 
 def expiries_total() -> float | None:
     return metrics.METRICS.registry.get_sample_value("rlhf_operator_warm_pool_expiries_total")
+
+
+async def test_a_pooled_cluster_edited_by_hand_is_never_claimed(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    """`kubectl edit` of a waiting cluster (here: another image) changes what a job would run
+    on: the API server bumps its generation, and the next job with the same signature passes
+    it over, says so, and builds its own."""
+    await create_job(api, job("first"))
+    await finished_and_pooled(api, "first", "first-ray")
+    url = f"/apis/{names.RAY_API_VERSION}/namespaces/{NS}/{names.RAYCLUSTERS}/first-ray"
+    edit = {"spec": {"headGroupSpec": {"rayStartParams": {"object-store-memory": "1"}}}}
+    async with api.patch(url, json=edit, headers=MERGE_PATCH) as resp:
+        assert resp.status < 300, await resp.text()
+        assert (await resp.json())["metadata"]["generation"] == 2
+
+    await create_jobs_while_down(api, operator, job("second"))
+    await eventually(phase_is(api, "second", "Succeeded"))
+    assert ran_on(api, "second") == ("second-ray", False)
+    assert names.WARM_POOL_TAMPERED in api.reasons_for("second")

@@ -86,3 +86,31 @@ def errors(crd_file: str, manifest: dict[str, Any]) -> list[str]:
         f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
         for e in validator(crd_file).iter_errors(manifest)
     ]
+
+
+def _defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults filled in, as the API server stores it (structural
+    defaulting: a property with a `default` that the object lacks gets it)."""
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        out = {
+            k: _defaulted(props.get(k) or schema.get("additionalProperties") or {}, v)
+            for k, v in value.items()
+        }
+        for key, sub in props.items():
+            if key not in out and "default" in sub:
+                out[key] = sub["default"]
+        return out
+    if isinstance(value, list):
+        return [_defaulted(schema.get("items") or {}, item) for item in value]
+    return value
+
+
+def stored(crd_file: str, manifest: dict[str, Any], version: str = "v1") -> dict[str, Any]:
+    """`manifest` as the API server would store it: with the CRD schema's defaults applied."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((CRDS / crd_file).read_text(), Loader=loader)
+    (schema,) = [
+        v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version
+    ]
+    return _defaulted(schema, manifest)

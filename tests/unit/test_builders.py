@@ -123,7 +123,7 @@ class TestRayCluster:
         assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
         container = head["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])
-        assert {"name": "dashboard", "containerPort": 8265} in container["ports"]
+        assert {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"} in container["ports"]
 
     @pytest.mark.parametrize(
         ("account", "expected"), [(None, builders.TRAINER_SERVICE_ACCOUNT), ("mine", "mine")]
@@ -214,3 +214,127 @@ class TestStageRayJob:
         _restricted(template)
         assert template["spec"]["automountServiceAccountToken"] is False
         assert "minio" not in json.dumps(template)
+
+
+PASS_THROUGH = {
+    "cluster": {
+        "env": [
+            {"name": "NCCL_DEBUG", "value": "INFO"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ],
+        "envFrom": [{"configMapRef": {"name": "nccl-tuning"}, "prefix": "X_"}],
+        "imagePullSecrets": [{"name": "regcred"}],
+        "head": {
+            "nodeSelector": {"pool": "cpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+}
+
+
+class TestAuthentication:
+    @needs_kuberay_crds
+    @pytest.mark.parametrize("spec", [{}, GPU_JOB, PASS_THROUGH], ids=["cpu", "gpu", "pass"])
+    def test_token_mode_on_every_cluster_and_valid_for_kuberay(self, spec: dict) -> None:
+        cluster = builders.build_raycluster(job(**spec), "demo-ray", OWNER)
+        assert cluster["spec"]["authOptions"] == {"mode": "token"}
+        major, minor, _ = (int(p) for p in cluster["spec"]["rayVersion"].split("."))
+        assert (major, minor) >= (2, 52)  # KubeRay's token mode needs Ray >= 2.52
+        assert errors("ray.io_rayclusters.yaml", cluster) == []
+
+    def test_the_submitter_reads_the_clusters_token_by_reference(self) -> None:
+        rayjob = builders.build_stage_rayjob(job(), "sft", 1, "pool-ray", OWNER)
+        template = rayjob["spec"]["submitterPodTemplate"]
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        # KubeRay's Secret is named after the cluster (a claimed warm cluster keeps its own).
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {
+            "secretKeyRef": {"name": "pool-ray", "key": "auth_token"}
+        }
+        assert template["metadata"]["labels"][names.LABEL_RAY_CLIENT] == "pool-ray"
+
+
+class TestNetworkPolicy:
+    POLICY = builders.build_network_policy("demo-ray", "team-a", "c-uid", ["ray-system", "rlhf"])
+
+    @pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+    def test_is_valid_kubernetes(self, version: str) -> None:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(self.POLICY, version, strict=True)
+
+    def test_owned_by_the_raycluster_without_blocking_it(self) -> None:
+        (owner,) = self.POLICY["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("RayCluster", "demo-ray", "c-uid")
+        assert owner["blockOwnerDeletion"] is False
+        assert self.POLICY["metadata"]["namespace"] == "team-a"
+
+    def test_admits_the_cluster_its_submitters_and_the_named_namespaces_only(self) -> None:
+        spec = self.POLICY["spec"]
+        assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": "demo-ray"}}
+        assert spec["policyTypes"] == ["Ingress"]
+        own, clients = spec["ingress"]
+        assert own == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "demo-ray"}}}]}
+        assert {p["port"] for p in clients["ports"]} == {6379, 8265, 10001}
+        submitters, namespaces = clients["from"]
+        assert submitters == {"podSelector": {"matchLabels": {"rlhf.dev/ray-client": "demo-ray"}}}
+        assert "podSelector" not in namespaces  # every pod of those namespaces, no other
+        (expr,) = namespaces["namespaceSelector"]["matchExpressions"]
+        assert expr == {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "In",
+            "values": ["ray-system", "rlhf"],
+        }
+
+    def test_submitters_of_the_cluster_pass_the_policy(self) -> None:
+        rayjob = builders.build_stage_rayjob(job(), "sft", 1, "demo-ray", OWNER)
+        labels = rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+        selector = self.POLICY["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"]
+        assert selector.items() <= labels.items()
+
+
+class TestPassThrough:
+    @needs_kuberay_crds
+    def test_validates_against_the_kuberay_crd(self) -> None:
+        cluster = builders.build_raycluster(job(**PASS_THROUGH), "demo-ray", OWNER)
+        assert errors("ray.io_rayclusters.yaml", cluster) == []
+        rayjob = builders.build_stage_rayjob(job(**PASS_THROUGH), "sft", 1, "demo-ray", OWNER)
+        assert errors("ray.io_rayjobs.yaml", rayjob) == []
+
+    def test_env_and_pull_secrets_reach_head_and_workers_by_reference(self) -> None:
+        cluster = builders.build_raycluster(job(**PASS_THROUGH), "demo-ray", OWNER)
+        for pod in _pods(cluster):
+            (container,) = pod["spec"]["containers"]
+            env = {e["name"]: e for e in container["env"]}
+            assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "INFO"}
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+            assert {"configMapRef": {"name": "nccl-tuning"}, "prefix": "X_"} in container["envFrom"]
+            assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+    def test_head_scheduling_is_the_heads_own(self) -> None:
+        cluster = builders.build_raycluster(job(**PASS_THROUGH), "demo-ray", OWNER)
+        head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+        worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+        assert head["nodeSelector"] == {"pool": "cpu"}
+        assert head["tolerations"] == [
+            {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        assert "nodeSelector" not in worker and "tolerations" not in worker
+
+    def test_the_submitter_pulls_with_the_same_secrets_but_gets_no_env(self) -> None:
+        rayjob = builders.build_stage_rayjob(job(**PASS_THROUGH), "sft", 1, "demo-ray", OWNER)
+        pod = rayjob["spec"]["submitterPodTemplate"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert {e["name"] for e in pod["containers"][0]["env"]} == {
+            "RAY_AUTH_MODE",
+            "RAY_AUTH_TOKEN",
+        }
+
+    def test_never_in_the_entrypoint(self) -> None:
+        """The stage's --job argument (visible in the RayJob and the Ray dashboard) carries
+        neither the env (a literal value could be a credential) nor the Secret names."""
+        rayjob = builders.build_stage_rayjob(job(**PASS_THROUGH), "sft", 1, "demo-ray", OWNER)
+        entrypoint = rayjob["spec"]["entrypoint"]
+        for text in ("NCCL_DEBUG", "HF_TOKEN", "regcred", "nccl-tuning"):
+            assert text not in entrypoint

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
 from kube_sim import sample_job
 from rlhf_operator import crd
 from rlhf_operator.api import RULES, RLHFJobSpec
+from rlhf_operator.api.common import EnvFromSource, EnvVar, EnvVarSource
 
 SPEC_SCHEMA = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
 
@@ -173,3 +174,38 @@ def test_the_readme_api_table_is_current() -> None:
     assert apidoc.BEGIN in readme, "README lost its apidoc markers"
     assert apidoc.render(readme) == readme, "run `python -m rlhf_operator.apidoc`"
     assert "`spec.stages.ppo.klCoef`" in readme
+
+
+# The pass-through models carry CEL rules of their own (one of value/valueFrom, reserved names):
+# the API server and pydantic must accept and refuse the same items.
+ITEM_CASES = [
+    (EnvVar, {"name": "A", "value": "x"}),
+    (EnvVar, {"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+    (EnvVar, {"name": "A"}),
+    (EnvVar, {"name": "A", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+    (EnvVar, {"name": "RAY_AUTH_MODE", "value": "disabled"}),
+    (EnvVar, {"name": "RLHF_JOB_NAME", "value": "other-job"}),
+    (EnvVarSource, {"secretKeyRef": {"name": "s", "key": "k"}}),
+    (EnvVarSource, {}),
+    (
+        EnvVarSource,
+        {"secretKeyRef": {"name": "s", "key": "k"}, "configMapKeyRef": {"name": "c", "key": "k"}},
+    ),
+    (EnvFromSource, {"secretRef": {"name": "s"}}),
+    (EnvFromSource, {"configMapRef": {"name": "c"}, "prefix": "P_"}),
+    (EnvFromSource, {}),
+]
+
+
+@pytest.mark.parametrize(("model", "item"), ITEM_CASES)
+def test_pass_through_cel_rules_and_python_agree(model: type, item: dict) -> None:
+    rules = model.model_config["json_schema_extra"]["x-kubernetes-validations"]
+    env = celpy.Environment()
+    activation = {"self": celpy.json_to_cel(item)}
+    cel_ok = all(bool(env.program(env.compile(r["rule"])).evaluate(activation)) for r in rules)
+    try:
+        model.model_validate(item)
+        python_ok = True
+    except ValidationError:
+        python_ok = False
+    assert cel_ok == python_ok

@@ -180,8 +180,8 @@ class TestFileSink:
 
 
 class TestStatusPatch:
-    def test_patch_body_carries_progress_metrics_columns_and_history(self) -> None:
-        sink = KubernetesStatusSink("job", "ns", "ppo", enabled_stages=["sft", "reward", "ppo"])
+    def test_patch_body_carries_progress_metrics_and_history_only(self) -> None:
+        sink = KubernetesStatusSink("job", "ns", "ppo")
         report = ProgressReport(
             stage="ppo",
             step=9,
@@ -195,8 +195,7 @@ class TestStatusPatch:
         sink.status_patch(report)
         body = sink.status_patch(report)
         status = body["status"]
-        assert status["progress"] == "ppo 3/3 45%"
-        assert status["reward"] == "0.731"
+        assert set(body) == {"status"} and set(status) == {"stages"}  # the operator's columns
         stage = status["stages"]["ppo"]
         assert stage["progress"] == {
             "percent": 45.0,
@@ -209,12 +208,10 @@ class TestStatusPatch:
         assert stage["history"][-1] == {"step": 9, "metrics": {"reward_mean": 0.7314, "kl": 0.02}}
         json.dumps(body, allow_nan=False)  # what the API server will parse
 
-    def test_sft_has_no_reward_column(self) -> None:
-        sink = KubernetesStatusSink("job", "ns", "sft", enabled_stages=["sft"])
+    def test_no_eta_is_left_out(self) -> None:
+        sink = KubernetesStatusSink("job", "ns", "sft")
         report = ProgressReport("sft", 1, 2, 50.0, None, 1.0, {}, {"loss": 1.0})
         body = sink.status_patch(report)["status"]
-        assert "reward" not in body
-        assert body["progress"] == "sft 1/1 50%"
         assert "etaSeconds" not in body["stages"]["sft"]["progress"]
 
     def test_forbidden_names_the_missing_permission(self) -> None:
@@ -222,7 +219,7 @@ class TestStatusPatch:
 
         sink = KubernetesStatusSink("job", "team-a", "ppo")
         message = sink.describe_failure(ApiException(status=403, reason="Forbidden"))
-        assert "lacks patch on rlhfjobs/status" in message
+        assert "lacks patch on rlhfjobprogresses/status" in message
         assert "team-a" in message
 
 

@@ -28,6 +28,7 @@ from rlhf_operator.reconcile import (
     RayJobObservation,
     driver,
     kuberay,
+    progress,
     reconcile,
     reject,
     status_patch,
@@ -41,6 +42,7 @@ from rlhf_operator.reconcile.kuberay import (
     rayjob_outcome,
     shorten,
 )
+from rlhf_operator.reconcile.model import CreateProgress
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
@@ -53,6 +55,7 @@ def job(**spec: Any) -> RLHFJob:
 
 
 def ready_cluster(**kw: Any) -> ClusterObservation:
+    kw = {"uid": "cluster-uid", "auth_mode": "token", **kw}
     return ClusterObservation(
         name="demo-ray", ready=True, state="ready", owner_uids=(UID,), job_label="demo", **kw
     )
@@ -124,7 +127,8 @@ def test_disabled_stages_are_skipped() -> None:
 def test_a_cluster_that_is_not_ready_is_a_wait() -> None:
     j = job()
     status = step(j, RLHFJobStatus()).status
-    d = step(j, status, Observed(cluster=ClusterObservation("demo-ray", owner_uids=(UID,))))
+    provisioning = ClusterObservation("demo-ray", owner_uids=(UID,), auth_mode="token")
+    d = step(j, status, Observed(cluster=provisioning))
     assert d.actions == [] and d.status.phase == "Provisioning"
     ready = next(c for c in d.status.conditions if c.type == "ClusterReady")
     assert (ready.status, ready.reason) == ("False", "ClusterProvisioning")
@@ -142,8 +146,12 @@ def test_a_ready_cluster_starts_the_first_stage() -> None:
     status = step(j, RLHFJobStatus()).status
     d = step(j, status, Observed(cluster=ready_cluster()))
     assert d.status.phase == "Running"
-    assert kinds(d) == ["CreateRayJob"]
-    manifest = d.actions[0].manifest
+    # The cluster's NetworkPolicy (owned by the cluster's uid) before anything runs on it.
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
+    policy = d.actions[0].manifest
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "cluster-uid"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {names.LABEL_RAY_CLUSTER: "demo-ray"}}
+    manifest = d.actions[2].manifest
     assert manifest["metadata"]["name"] == "demo-sft-1"
     assert manifest["spec"]["clusterSelector"] == {names.LABEL_RAY_CLUSTER: "demo-ray"}
     assert d.status.stages["sft"].ray_job == "demo-sft-1"
@@ -179,6 +187,7 @@ def test_a_cluster_never_ready_fails_with_kuberays_reason_and_is_deleted() -> No
     stuck = kuberay.observe_cluster(
         {
             "metadata": {"name": "demo-ray", "ownerReferences": [{"uid": UID}]},
+            "spec": {"authOptions": {"mode": "token"}},
             "status": {
                 "state": "",
                 "conditions": [
@@ -270,7 +279,9 @@ def test_a_running_rayjob_changes_nothing() -> None:
 def test_a_recorded_rayjob_that_is_missing_is_created_again() -> None:
     j, status = running("reward")
     d = step(j, status, Observed(ready_cluster(), None))
-    assert kinds(d) == ["CreateRayJob"] and d.actions[0].name == "demo-reward-1"
+    # create-if-absent both: a restart may have come between the status write and the creates
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
+    assert d.actions[2].name == "demo-reward-1"
     assert status_patch(status, d.status) == {}
 
 
@@ -359,7 +370,8 @@ def test_resume_recreates_the_cluster_then_starts_a_new_attempt() -> None:
     assert d.status.phase == "Provisioning" and kinds(d) == ["CreateCluster"]
     assert "JobResumed" in reasons(d)
     d = step(j, d.status, Observed(cluster=ready_cluster()))
-    assert d.actions[0].name == "demo-ppo-2"
+    assert kinds(d) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
+    assert d.actions[2].name == "demo-ppo-2"
     assert d.status.stages["ppo"].failures == 0
 
 
@@ -454,7 +466,7 @@ def test_a_rayjob_at_our_name_that_is_not_ours_is_never_taken_for_our_stage() ->
     assert "RayJob demo-sft-1" in d.status.message and "old-uid" in d.status.message
     assert reasons(d) == ["RayJobConflict"]
     gone = step(j, d.status, Observed(ready_cluster(), None))
-    assert kinds(gone) == ["CreateRayJob"]
+    assert kinds(gone) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
 
 
 def test_submission_failed_while_the_ray_job_runs_stops_it_before_the_retry() -> None:
@@ -547,7 +559,8 @@ def test_a_foreign_rayjob_is_waited_for_only_until_the_provisioning_deadline() -
     assert "kubectl delete rayjob demo-sft-1 -n ns" in late.status.message
     assert "DeleteRayJob" not in kinds(late)  # never ours to delete
     gone = step(j, d.status, Observed(ready_cluster(), None), now=NOW + timedelta(seconds=5))
-    assert gone.status.stages["sft"].waiting_since is None and kinds(gone) == ["CreateRayJob"]
+    assert gone.status.stages["sft"].waiting_since is None
+    assert kinds(gone) == ["CreateNetworkPolicy", "CreateProgress", "CreateRayJob"]
 
 
 def test_a_foreign_cluster_at_our_name_fails_at_the_deadline_naming_it() -> None:
@@ -605,3 +618,96 @@ def test_the_most_telling_kubelet_event_wins() -> None:
     ]}  # fmt: skip
     assert pod_problem([pod], events) == 'pod c-head-1: Failed: Failed to pull image "x": not found'
     assert pod_problem([pod], {}) == 'pod c-head-1: ImagePullBackOff: Back-off pulling image "x"'
+
+
+@pytest.mark.parametrize("stored_spec", [{}, {"authOptions": {"mode": "disabled"}}])
+def test_a_cluster_stored_without_token_auth_fails_the_job_and_is_deleted(stored_spec) -> None:
+    """A KubeRay older than 1.5.1: its CRD has no authOptions, the API server prunes the field
+    and KubeRay starts Ray with its ports open. No stage may run there."""
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    built = next(a for a in step(j, RLHFJobStatus()).actions if isinstance(a, CreateCluster))
+    assert built.manifest["spec"]["authOptions"] == {"mode": "token"}  # we asked for it
+    body = {
+        "metadata": {"name": "demo-ray", "uid": "c-uid", "ownerReferences": [{"uid": UID}]},
+        "spec": stored_spec,
+        "status": {"state": "ready"},
+    }
+    d = step(j, status, Observed(cluster=kuberay.observe_cluster(body)))
+    assert d.status.phase == "Failed"
+    assert "CreateRayJob" not in kinds(d)
+    assert DeleteCluster("demo-ray") in d.actions
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "RayAuthUnsupported")
+    assert "KubeRay" in d.status.message and "v1.5.1" in d.status.message
+
+
+# --------------------------------------------------------------------------- trainer progress
+
+
+def _report(owner: str = UID, **stages: dict) -> progress.ProgressObservation:
+    return progress.observe_progress(
+        {
+            "metadata": {"name": "demo", "ownerReferences": [{"uid": owner}]},
+            "status": {"stages": stages},
+        }
+    )
+
+
+PPO_REPORT = {
+    "progress": {"percent": 45.0, "step": 9, "totalSteps": 20},
+    "metrics": {"reward_mean": 0.7314, "kl": 0.02},
+    "history": [{"step": 9, "metrics": {"reward_mean": 0.7314}}],
+}
+
+
+def test_the_trainers_report_is_mirrored_into_status() -> None:
+    j, status = running("ppo")
+    mirrored = progress.mirror(status, _report(ppo=PPO_REPORT), UID, j.spec.enabled_stages())
+    assert mirrored.stages["ppo"].progress.percent == 45.0
+    assert mirrored.stages["ppo"].metrics == {"reward_mean": 0.7314, "kl": 0.02}
+    assert mirrored.progress == "ppo 3/4 45%" and mirrored.reward == "0.731"
+    # ... and the driver writes it: only the progress fields change.
+    patch = status_patch(status, mirrored)
+    assert set(patch) == {"progress", "reward", "stages"}
+    assert set(patch["stages"]) == {"ppo"}
+    assert set(patch["stages"]["ppo"]) == {"progress", "metrics", "history"}
+
+
+def test_a_report_steers_nothing() -> None:
+    """Whatever a trainer writes, phase, stage, attempts and the cluster stay the operator's:
+    reports for stages not started or not in the job, reports on an object the job does not
+    own, and fields that are not progress are all ignored."""
+    j, status = running("reward")
+    enabled = j.spec.enabled_stages()
+    untouched = status.model_copy(deep=True)
+    for report in (
+        _report(ppo=PPO_REPORT),  # ppo has not started
+        _report(evaluation={"metrics": {"win_rate": 1.0}}),  # nor has evaluation
+        _report(bogus={"metrics": {"x": 1.0}}),  # no such stage
+        _report(owner="someone-else", reward=PPO_REPORT),  # not this job's object
+        _report(reward={"phase": "Succeeded", "state": "Succeeded", "attempts": 99}),
+    ):
+        mirrored = progress.mirror(status, report, UID, enabled)
+        assert mirrored == untouched, report
+    forged = progress.observe_progress(
+        {
+            "metadata": {"ownerReferences": [{"uid": UID}]},
+            "status": {"phase": "Succeeded", "stages": {"reward": PPO_REPORT}},
+        }
+    )
+    assert forged.stages == {}  # a status the schema refuses is no report at all
+    d = step(j, progress.mirror(status, _report(reward=PPO_REPORT), UID, enabled),
+             Observed(ready_cluster(), rayjob("demo-reward-1")))  # fmt: skip
+    assert d.status.phase == "Running" and d.status.stage == "reward"
+    assert d.actions == []
+
+
+def test_each_attempt_ensures_the_progress_object() -> None:
+    j = job()
+    status = step(j, RLHFJobStatus()).status
+    d = step(j, status, Observed(cluster=ready_cluster()))
+    (create,) = [a for a in d.actions if isinstance(a, CreateProgress)]
+    assert create.manifest["metadata"]["name"] == "demo"
+    assert create.manifest["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert create.manifest["spec"] == {"job": "demo"}

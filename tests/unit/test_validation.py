@@ -51,6 +51,32 @@ SCHEMA_ERRORS = [
     ({"storage": {"secretRef": {"name": "UPPER"}}}, "spec.storage.secretRef.name"),
     ({"stages": {"sft": {"epocs": 2}}}, "spec.stages.sft.epocs: unknown field"),
     ({"model": {"base": ""}}, "spec.model.base"),
+    ({"cluster": {"env": [{"name": "1BAD", "value": "x"}]}}, "spec.cluster.env[0].name"),
+    ({"cluster": {"env": [{"name": "HF_TOKEN"}]}}, "spec.cluster.env[0]: HF_TOKEN: set exactly"),
+    (
+        {"cluster": {"env": [{"name": "A", "value": "x", "valueFrom": {}}]}},
+        "spec.cluster.env[0]",
+    ),
+    (
+        {"cluster": {"env": [{"name": "RAY_AUTH_TOKEN", "value": "x"}]}},
+        "spec.cluster.env[0]: RAY_AUTH_TOKEN: names starting with RAY_AUTH_ or RLHF_",
+    ),
+    (
+        {"cluster": {"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}}]}},
+        "spec.cluster.env[0].valueFrom.secretKeyRef.key",
+    ),
+    (
+        {"cluster": {"env": [{"name": "A", "valueFrom": {"fieldRef": {}}}]}},
+        "spec.cluster.env[0].valueFrom.fieldRef: unknown field",
+    ),
+    ({"cluster": {"envFrom": [{}]}}, "spec.cluster.envFrom[0]: envFrom: set exactly one"),
+    ({"cluster": {"envFrom": [{"secretRef": {"name": "Bad_Name"}}]}}, "spec.cluster.envFrom[0]"),
+    ({"cluster": {"imagePullSecrets": [{"name": ""}]}}, "spec.cluster.imagePullSecrets[0].name"),
+    (
+        {"cluster": {"head": {"tolerations": [{"operator": "Sometimes"}]}}},
+        "spec.cluster.head.tolerations[0].operator",
+    ),
+    ({"cluster": {"head": {"nodeSelector": {"a": 1}}}}, "spec.cluster.head.nodeSelector.a"),
     (
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",

@@ -57,9 +57,18 @@ def job(**kwargs: Any) -> RLHFJob:
     return RLHFJob.from_manifest(manifest(**kwargs))
 
 
+def built_spec(**kwargs: Any) -> dict[str, Any]:
+    """The RayCluster spec job(**kwargs) builds (what an intact pooled cluster holds)."""
+    return builders.build_raycluster(job(**kwargs), "any", owner={})["spec"]
+
+
+SIG = wp.pool_signature(job())
+STAMP = {wp.ANNOTATION_GENERATION: "1", wp.ANNOTATION_POOL: ""}
+
+
 def pooled(
     name: str = "old-ray",
-    signature: str = "sig",
+    signature: str = SIG,
     state: str = wp.STATE_AVAILABLE,
     expires: datetime | None = NOW + timedelta(minutes=5),
     ray_state: str = "ready",
@@ -73,10 +82,12 @@ def pooled(
             "name": name,
             "namespace": "team-a",
             "resourceVersion": version,
+            "generation": 1,
             "labels": {wp.LABEL_SIGNATURE: signature, wp.LABEL_STATE: state},
-            "annotations": {wp.ANNOTATION_EXPIRES_AT: stamp} if stamp else {},
+            "annotations": {**STAMP, **({wp.ANNOTATION_EXPIRES_AT: stamp} if stamp else {})},
             **meta,
         },
+        "spec": built_spec(),
         "status": {"state": ray_state},
     }
 
@@ -127,6 +138,16 @@ class TestSignature:
             },
             {"storage": {"uri": "pvc://claim-a/runs"}},
             {"warmPool.pool": "team-x"},
+            {"cluster.env": [{"name": "NCCL_DEBUG", "value": "INFO"}]},
+            {
+                "cluster.env": [
+                    {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "h", "key": "t"}}}
+                ]
+            },
+            {"cluster.envFrom": [{"secretRef": {"name": "nccl"}}]},
+            {"cluster.imagePullSecrets": [{"name": "regcred"}]},
+            {"cluster.head": {"nodeSelector": {"pool": "cpu"}}},
+            {"cluster.head": {"tolerations": [{"key": "k", "operator": "Exists"}]}},
         ],
         ids=lambda change: next(iter(change)),
     )
@@ -262,37 +283,37 @@ class TestCandidates:
                 {"metadata": {"name": "own-cluster-of-a-job"}, "status": {"state": "ready"}}
             ),
         ]
-        assert wp.candidates(clusters, "sig", NOW) == [good]
-        assert wp.choose_candidate(clusters, "sig", NOW) is good
+        assert wp.candidates(clusters, SIG, NOW) == [good]
+        assert wp.choose_candidate(clusters, SIG, NOW) is good
 
     def test_none_when_nothing_matches(self) -> None:
-        assert wp.choose_candidate([seen(signature="nope")], "sig", NOW) is None
+        assert wp.choose_candidate([seen(signature="nope")], SIG, NOW) is None
 
     def test_order_is_soonest_expiry_then_name_whatever_the_input_order(self) -> None:
         late = seen(name="a-late", expires=NOW + timedelta(minutes=9))
         soon_b = seen(name="b-soon", expires=NOW + timedelta(minutes=1))
         soon_a = seen(name="a-soon", expires=NOW + timedelta(minutes=1))
         for order in ([late, soon_b, soon_a], [soon_a, late, soon_b]):
-            names = [c.name for c in wp.candidates(order, "sig", NOW)]
+            names = [c.name for c in wp.candidates(order, SIG, NOW)]
             assert names == ["a-soon", "b-soon", "a-late"]
 
 
 class TestPatches:
     def test_release_moves_ownership_off_the_job_and_labels_the_pool(self) -> None:
         body = manifest()
-        patch = wp.release_patch(body["metadata"], "sig", 600, NOW)
+        patch = wp.release_patch(body["metadata"], SIG, 600, NOW)
         meta = patch["metadata"]
         assert meta["ownerReferences"] is None  # merge-patch null: removed
         assert meta["labels"] == {
             LABEL_JOB: None,
             wp.LABEL_CLAIMED_BY: None,
-            wp.LABEL_SIGNATURE: "sig",
+            wp.LABEL_SIGNATURE: SIG,
             wp.LABEL_STATE: wp.STATE_AVAILABLE,
         }
         released = wp.observe(_merge(_owned_cluster(body), patch))
         assert released.released_by == "team-a/job-a"
         assert released.expires_at == NOW + timedelta(seconds=600)
-        assert wp.choose_candidate([released], "sig", NOW) == released
+        assert wp.choose_candidate([released], SIG, NOW) == released
         assert not released.expired(NOW + timedelta(seconds=599))
         assert released.expired(NOW + timedelta(seconds=600))
 
@@ -318,14 +339,14 @@ class TestPatches:
         assert observed.claimed_by_job("uid-job-b")
         assert not observed.claimed_by_job("uid-job-c")
         assert not observed.claimed_by_job(None)
-        assert wp.choose_candidate([observed], "sig", NOW) is None
+        assert wp.choose_candidate([observed], SIG, NOW) is None
 
     def test_a_claimed_cluster_released_again_is_claimable_again(self) -> None:
         first = manifest(name="job-b")
         claimed = _merge(pooled(), wp.claim_patch("7", first["metadata"]))
-        again = wp.observe(_merge(claimed, wp.release_patch(first["metadata"], "sig", 60, NOW)))
+        again = wp.observe(_merge(claimed, wp.release_patch(first["metadata"], SIG, 60, NOW)))
         assert again.claimed_by is None
-        assert wp.choose_candidate([again], "sig", NOW) == again
+        assert wp.choose_candidate([again], SIG, NOW) == again
 
     def test_a_cluster_being_deleted_is_claimed_by_nobody(self) -> None:
         body = manifest()
@@ -343,9 +364,12 @@ def _owned_cluster(body: dict[str, Any]) -> dict[str, Any]:
             "name": "job-a-ray",
             "namespace": "team-a",
             "resourceVersion": "3",
+            "generation": 1,
             "ownerReferences": [builders.owner_reference(body["metadata"])],
             "labels": {LABEL_JOB: "job-a", "app.kubernetes.io/managed-by": "rlhf-operator"},
+            "annotations": dict(STAMP),
         },
+        "spec": built_spec(),
         "status": {"state": "ready"},
     }
 
@@ -383,7 +407,7 @@ def cluster_body(
     version: str = "11",
 ) -> dict[str, Any]:
     """A RayCluster as the API holds it: a job's own, or one in (or claimed out of) the pool."""
-    labels: dict[str, str] = {}
+    labels: dict[str, str] = {wp.LABEL_SIGNATURE: SIG}  # stamped at creation
     if state:
         labels |= {wp.LABEL_STATE: state, wp.LABEL_SIGNATURE: signature or ""}
     if claimed_by:
@@ -395,13 +419,14 @@ def cluster_body(
         "name": name,
         "namespace": "team-a",
         "resourceVersion": version,
+        "generation": 1,
         "labels": labels,
-        "annotations": annotations,
+        "annotations": {**STAMP, **annotations},
     }
     if owner:
         meta["ownerReferences"] = [{"kind": "RLHFJob", "name": "x", "uid": owner}]
         meta["labels"][LABEL_JOB] = "job-a" if owner == UID else "other"
-    return {"metadata": meta, "status": {"state": ray_state}}
+    return {"metadata": meta, "spec": built_spec(), "status": {"state": ray_state}}
 
 
 def observed_cluster(**kwargs: Any) -> ClusterObservation:
@@ -473,8 +498,8 @@ class TestMachine:
             name="old-ray", owner=UID, state=wp.STATE_CLAIMED, claimed_by=UID, signature="s"
         )
         d = decide(status, Observed(cluster=mine))
-        assert kinds(d) == ["CreateRayJob"]
-        assert d.actions[0].manifest["spec"]["clusterSelector"] == {
+        assert kinds(d) == ["CreateProgress", "CreateRayJob"]
+        assert d.actions[-1].manifest["spec"]["clusterSelector"] == {
             names.LABEL_RAY_CLUSTER: "old-ray"
         }
         assert names.WARM_POOL_HIT in reasons(d)
@@ -592,3 +617,108 @@ class TestMachine:
         ours = observed_cluster(name="job-a-ray", owner=UID)
         d = machine.finalize(job(), status, Observed(cluster=ours), NOW, NOW)
         assert kinds(d) == ["ReleaseCluster"] and d.wait is None
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def tamper(body: dict[str, Any], edit: str) -> dict[str, Any]:
+    """A pooled cluster after `edit`, as the API server would then hold it."""
+    body = copy.deepcopy(body)
+    meta, spec = body["metadata"], body["spec"]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    if edit == "kubectl-edit":  # any spec change: the API server bumps the generation
+        spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+        meta["generation"] = 2
+    elif edit == "forged-generation":  # the edit, with the stamp rewritten to match
+        head["initContainers"] = [{"name": "x", "image": "evil:1"}]
+        meta["generation"] = 2
+        meta["annotations"][wp.ANNOTATION_GENERATION] = "2"
+    elif edit == "hand-labelled":  # someone's own RayCluster, given our labels
+        head["containers"][0]["image"] = "theirs:1"
+    elif edit == "unstamped":  # built by an operator version before the stamp
+        del meta["annotations"][wp.ANNOTATION_GENERATION]
+    elif edit == "other-builders":  # an older operator's builders: same label, other spec
+        del spec["authOptions"]
+    return body
+
+
+EDITS = ["kubectl-edit", "forged-generation", "hand-labelled", "unstamped", "other-builders"]
+
+
+class TestIntegrity:
+    def test_an_untouched_pooled_cluster_is_intact(self) -> None:
+        assert seen().intact and wp.choose_candidate([seen()], SIG, NOW) is not None
+
+    @pytest.mark.parametrize("edit", EDITS)
+    def test_a_cluster_that_is_not_what_its_label_says_is_never_claimed(self, edit: str) -> None:
+        cluster = wp.observe(tamper(pooled(), edit))
+        assert cluster.signature == SIG  # its label still says it fits
+        assert not cluster.intact
+        assert wp.choose_candidate([cluster], SIG, NOW) is None
+        assert wp.tampered([cluster], SIG) == [cluster]
+
+    def test_the_stored_spec_hashes_like_the_built_one(self) -> None:
+        """The API server fills in KubeRay's CRD defaults (and nothing else) on what we create:
+        SERVER_DEFAULTS must cover them, or no pooled cluster would ever be intact."""
+        from kuberay_schema import CRDS, stored
+
+        if not CRDS.is_dir():
+            pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+        for kwargs in ({}, {"cluster.workers.tolerations": [{"key": "g", "operator": "Exists"}]}):
+            cluster = builders.build_raycluster(job(**kwargs), "c", owner={})
+            as_stored = stored("ray.io_rayclusters.yaml", cluster)
+            assert as_stored["spec"] != cluster["spec"]  # the server does add fields
+            assert wp.spec_digest(as_stored["spec"]) == wp.spec_digest(cluster["spec"])
+
+    def test_a_created_cluster_is_stamped(self) -> None:
+        d = decide(RLHFJobStatus(), Observed(), pinned_spec="{}")
+        (create,) = [a for a in d.actions if type(a).__name__ == "CreateCluster"]
+        meta = create.manifest["metadata"]
+        assert meta["labels"][wp.LABEL_SIGNATURE] == SIG
+        assert meta["annotations"][wp.ANNOTATION_GENERATION] == "1"
+        stored = {**create.manifest, "metadata": {**meta, "generation": 1}}
+        assert wp.observe(stored).intact  # as the API server returns it
+
+    @pytest.mark.parametrize("edit", EDITS[:3])
+    def test_a_job_passes_over_a_tampered_cluster_and_says_so(self, edit: str) -> None:
+        body = tamper(cluster_body("old-ray", state=wp.STATE_AVAILABLE, signature=SIG), edit)
+        forged = kuberay.observe_cluster(body)
+        d = decide(RLHFJobStatus(), Observed(pool=(forged.pool,)), pinned_spec="{}")
+        assert "ClaimCluster" not in kinds(d) and "CreateCluster" in kinds(d)
+        (warning,) = [e for e in d.events if e.reason == names.WARM_POOL_TAMPERED]
+        assert "old-ray" in warning.message and warning.type == "Warning"
+
+    def test_a_cluster_edited_during_its_job_is_deleted_not_pooled(self) -> None:
+        body = tamper(cluster_body("job-a-ray", owner=UID), "kubectl-edit")
+        d = decide(finished(), Observed(cluster=kuberay.observe_cluster(body)))
+        assert kinds(d) == ["DeleteCluster"]
+        assert "spec changed" in _released(d)
+
+
+def _released(decision: Any) -> str:
+    return next(c.message for c in decision.status.conditions if c.type == "ClusterReady")
+
+
+class TestPoolSize:
+    def test_a_full_namespace_pool_deletes_the_next_cluster(self, monkeypatch) -> None:
+        from rlhf_operator import tenancy
+
+        monkeypatch.setattr(tenancy, "MAX_POOLED_CLUSTERS", 2)
+        ours = observed_cluster(name="job-a-ray", owner=UID)
+        room = decide(finished(), Observed(cluster=ours, pooled_in_namespace=1))
+        assert kinds(room) == ["ReleaseCluster"]
+        full = decide(finished(), Observed(cluster=ours, pooled_in_namespace=2))
+        assert kinds(full) == ["DeleteCluster"]
+        assert "maxPooledClusters" in _released(full)
+
+    def test_the_driver_counts_every_signature_of_the_namespace(self) -> None:
+        from rlhf_operator.reconcile import driver
+
+        index = {
+            ("team-a", "s1"): [seen(name="a")],
+            ("team-a", "s2"): [seen(name="b"), seen(name="c")],
+            ("team-b", "s1"): [seen(name="d")],
+        }
+        assert driver._pooled_in(index, "team-a") == 3
+        assert driver._pooled_in(index, "team-c") == 0

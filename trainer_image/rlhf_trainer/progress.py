@@ -6,8 +6,9 @@
     reporter.finish({"reward_mean": 0.7})                          # always delivered
 
 Reporting is best effort and never fails training: a sink that raises is disabled after one
-warning (e.g. a ServiceAccount without `patch` on `rlhfjobs/status`), and nothing a sink logs
-carries credentials. Only the rank-0 worker reports (`RANK`, set by Ray Train's TorchTrainer).
+warning (e.g. a ServiceAccount without `patch` on `rlhfjobprogresses/status`), and nothing a
+sink logs carries credentials. Only the rank-0 worker reports (`RANK`, set by Ray Train's
+TorchTrainer).
 
 Throttling: every sink gets at most one report per `interval_s` (30 s: the API server is shared
 by the whole cluster) unless it sets an interval of its own in `min_interval_s` (the local
@@ -142,19 +143,17 @@ class ProgressReporter:
         total_steps: int,
         sinks: Iterable[Any] | None = None,
         *,
-        enabled_stages: Sequence[str] | None = None,
         rank: int | None = None,
         env: Mapping[str, str] | None = None,
         **options: Any,
     ) -> ProgressReporter:
         """A reporter with the sinks the environment calls for, plus `sinks`.
 
-        - `RLHF_JOB_NAME` + `RLHF_JOB_NAMESPACE` (set in every Ray pod): the RLHFJob's status.
-        - `RLHF_PROGRESS_FILE`: a JSON progress file (`rlhf run` adds its own FileSink).
+        - `RLHF_JOB_NAME` + `RLHF_JOB_NAMESPACE` (set in every Ray pod): the job's
+          RLHFJobProgress, which the operator mirrors into the RLHFJob's status.
+        - `RLHF_PROGRESS_FILE` (set by `rlhf run`): a JSON progress file.
         On a worker whose rank is not 0 the reporter has no sinks at all (one voice per stage).
-        `enabled_stages` (the job's `spec.enabled_stages()`) numbers the PROGRESS column
-        ("ppo 3/4"); without it the status sink reads the job's spec once. `options` go to the
-        constructor (`interval_s`, `clock`, `start_step`).
+        `options` go to the constructor (`interval_s`, `clock`, `start_step`).
         """
         env = os.environ if env is None else env
         if rank is None:
@@ -166,9 +165,7 @@ class ProgressReporter:
         if name and namespace:
             from rlhf_trainer.status_sink import KubernetesStatusSink
 
-            chosen.append(
-                KubernetesStatusSink(name, namespace, stage, enabled_stages=enabled_stages)
-            )
+            chosen.append(KubernetesStatusSink(name, namespace, stage))
         if env.get(PROGRESS_FILE_ENV):
             chosen.append(FileSink(env[PROGRESS_FILE_ENV]))
         chosen.extend(sinks or ())

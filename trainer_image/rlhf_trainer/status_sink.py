@@ -1,8 +1,10 @@
-"""The progress sink that writes a stage's progress into its RLHFJob's status subresource.
+"""The progress sink that writes a stage's progress into its job's RLHFJobProgress.
 
 Used by `ProgressReporter.from_env` when RLHF_JOB_NAME/RLHF_JOB_NAMESPACE are set (every Ray pod
-the operator creates). Talks to the API server with the official `kubernetes` client, imported
-lazily so local runs never load it.
+the operator creates). The operator creates `rlhfjobprogresses/<job>` and mirrors its progress
+fields into the RLHFJob's status; the trainer may write nothing else (api/progress.py says why).
+Talks to the API server with the official `kubernetes` client, imported lazily so local runs
+never load it.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
-from rlhf_operator.api import GROUP, PLURAL, VERSION
-from rlhf_operator.api.columns import progress_column, reward_column
+from rlhf_operator.api import GROUP, VERSION
+from rlhf_operator.api.progress import PROGRESS_PLURAL
 from rlhf_operator.api.status import HISTORY_METRICS, HistoryPoint, Progress, append_history
 
 from rlhf_trainer.progress import ProgressReport, finite_metrics, redact
@@ -28,12 +29,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubernetesStatusSink:
-    """JSON-merge-patches the stage's progress into `rlhfjobs/<name>/status`.
+    """JSON-merge-patches the stage's progress into `rlhfjobprogresses/<name>/status`.
 
-    Writes `status.stages.<stage>.{progress, metrics, history}` and the column strings
-    `status.progress` / `status.reward`, through the status subresource (the only part of the
-    job the trainer's namespaced Role lets it write). The API client comes from the pod's
-    ServiceAccount (in-cluster config), falling back to a kubeconfig for runs outside a pod.
+    Writes `status.stages.<stage>.{progress, metrics, history}` through the status subresource
+    (all the trainer's namespaced Role lets it write); the operator turns them into the RLHFJob's
+    status and its PROGRESS/REWARD columns. The API client comes from the pod's ServiceAccount
+    (in-cluster config), falling back to a kubeconfig for runs outside a pod.
     """
 
     min_interval_s: float | None = None  # the reporter's interval (30 s): the API is shared
@@ -44,13 +45,11 @@ class KubernetesStatusSink:
         namespace: str,
         stage: str,
         *,
-        enabled_stages: Sequence[str] | None = None,
         api_client: Any = None,
     ) -> None:
         self.name = name
         self.namespace = namespace
         self.stage = stage
-        self.enabled_stages = list(enabled_stages) if enabled_stages is not None else None
         self._api_client = api_client
         self._owns_client = api_client is None
         self._api: Any = None
@@ -58,13 +57,11 @@ class KubernetesStatusSink:
 
     def report(self, report: ProgressReport) -> None:
         api = self._custom_objects_api()
-        if self.enabled_stages is None:
-            self.enabled_stages = self._read_enabled_stages(api)
         api.patch_namespaced_custom_object_status(
             GROUP,
             VERSION,
             self.namespace,
-            PLURAL,
+            PROGRESS_PLURAL,
             self.name,
             self.status_patch(report),
             _content_type=MERGE_PATCH,
@@ -89,30 +86,26 @@ class KubernetesStatusSink:
         if self._history:
             # Merge patch replaces lists wholesale: always send the whole curve.
             stage_status["history"] = [point.to_wire() for point in self._history]
-        status: dict[str, Any] = {
-            "progress": progress_column(self.stage, self.enabled_stages or [], report.percent),
-            "stages": {self.stage: stage_status},
-        }
-        reward = reward_column(metrics)
-        if reward is not None:
-            status["reward"] = reward
-        return {"status": status}
+        return {"status": {"stages": {self.stage: stage_status}}}
 
     def describe_failure(self, exc: BaseException) -> str:
         """One actionable line for the log, without credentials or response headers."""
-        job = f"RLHFJob {self.namespace}/{self.name}"
+        job = f"RLHFJobProgress {self.namespace}/{self.name}"
         prefix = "progress reporting disabled"
         status = getattr(exc, "status", None)
         if status == 403:
             return (
-                f"{prefix}: the trainer's ServiceAccount lacks patch on rlhfjobs/status in "
-                f"namespace {self.namespace} (403 Forbidden); grant it with the chart's "
-                f"trainer Role"
+                f"{prefix}: the trainer's ServiceAccount lacks patch on "
+                f"{PROGRESS_PLURAL}/status in namespace {self.namespace} (403 Forbidden); grant "
+                f"it with the chart's trainer Role"
             )
         if status == 401:
             return f"{prefix}: the API server rejected the trainer's credentials (401)"
         if status == 404:
-            return f"{prefix}: {job} not found (404); was it deleted?"
+            return (
+                f"{prefix}: {job} not found (404); the operator creates it when a stage starts "
+                f"(was the RLHFJob deleted, or is the operator older than this trainer image?)"
+            )
         if status is not None:
             detail = _status_message(getattr(exc, "body", None))
             reason = getattr(exc, "reason", "") or ""
@@ -137,24 +130,6 @@ class KubernetesStatusSink:
                 self._api_client = default_api_client()
             self._api = client.CustomObjectsApi(self._api_client)
         return self._api
-
-    def _read_enabled_stages(self, api: Any) -> list[str]:
-        """The job's enabled stages, read once from the object (for "ppo 3/4"); [] if unknown."""
-        from rlhf_operator.api import RLHFJobSpec
-
-        try:
-            job = api.get_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                _request_timeout=K8S_REQUEST_TIMEOUT_S,
-            )
-            return RLHFJobSpec.model_validate(job.get("spec") or {}).enabled_stages()
-        except Exception as exc:  # the column then shows the stage without its position
-            logger.debug("could not read the job's enabled stages: %s", type(exc).__name__)
-            return []
 
 
 def default_api_client() -> Any:

@@ -129,7 +129,6 @@ class StageWorker:
             self.stage,
             total_steps,
             sinks,
-            enabled_stages=self.job.spec.enabled_stages(),
             rank=self.rank,
             start_step=self.resumed_from_step or 0,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 Quantity = int | str
@@ -66,3 +66,130 @@ class SecretRef(ApiModel):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Name of a Secret in the RLHFJob's namespace.",
     )
+
+
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+RESERVED_ENV_PREFIXES = ("RAY_AUTH_", "RLHF_")
+"""Set by KubeRay (the Ray token) and by the operator (the job's identity): never the user's."""
+
+
+class KeyRef(ApiModel):
+    """One key of a Secret or ConfigMap in the job's namespace, referenced by name."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret or ConfigMap in the RLHFJob's namespace.",
+    )
+    key: str = Field(min_length=1, max_length=253, description="The key to read.")
+    optional: bool | None = Field(default=None, description="Start even if it is missing.")
+
+
+class EnvVarSource(ApiModel):
+    """Where a variable's value comes from: a Secret key or a ConfigMap key (by name)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                    "message": "valueFrom: set exactly one of secretKeyRef or configMapKeyRef.",
+                }
+            ]
+        }
+    }
+
+    secret_key_ref: KeyRef | None = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(default=None, description="A key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("valueFrom: set exactly one of secretKeyRef or configMapKeyRef.")
+        return self
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the Ray containers: a literal value, or a Secret/ConfigMap
+    key by name (use secretKeyRef for credentials such as HF_TOKEN: the value then never
+    appears in a manifest)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.value) != has(self.valueFrom)",
+                    "message": "set exactly one of value or valueFrom (secretKeyRef for "
+                    "credentials).",
+                },
+                {
+                    "rule": " && ".join(
+                        f"!self.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES
+                    ),
+                    "message": "names starting with RAY_AUTH_ or RLHF_ are set by KubeRay and "
+                    "the operator; pick another name.",
+                },
+            ]
+        }
+    }
+
+    name: str = Field(
+        min_length=1, max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name."
+    )
+    value: str | None = Field(default=None, description="A literal value (not for secrets).")
+    value_from: EnvVarSource | None = Field(
+        default=None, description="Read the value from a Secret or ConfigMap key."
+    )
+
+    @model_validator(mode="after")
+    def _checked(self) -> EnvVar:
+        if self.name.startswith(RESERVED_ENV_PREFIXES):
+            raise ValueError(
+                f"{self.name}: names starting with RAY_AUTH_ or RLHF_ are set by KubeRay and "
+                "the operator; pick another name."
+            )
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError(
+                f"{self.name}: set exactly one of value or valueFrom (secretKeyRef for "
+                "credentials)."
+            )
+        return self
+
+
+class NameRef(ApiModel):
+    """A Secret or ConfigMap in the job's namespace, by name."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Its name.",
+    )
+
+
+class EnvFromSource(ApiModel):
+    """Every key of a Secret or ConfigMap as environment variables (e.g. NCCL_* settings)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.secretRef) != has(self.configMapRef)",
+                    "message": "envFrom: set exactly one of secretRef or configMapRef.",
+                }
+            ]
+        }
+    }
+
+    secret_ref: NameRef | None = Field(default=None, description="A Secret, by name.")
+    config_map_ref: NameRef | None = Field(default=None, description="A ConfigMap, by name.")
+    prefix: str | None = Field(
+        default=None, pattern=ENV_NAME_PATTERN, description="Prepended to every key."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvFromSource:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("envFrom: set exactly one of secretRef or configMapRef.")
+        return self

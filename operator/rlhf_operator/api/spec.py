@@ -13,7 +13,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_operator.api.common import ApiModel, ResourceRequirements, SecretRef, Toleration
+from rlhf_operator.api.common import (
+    ApiModel,
+    EnvFromSource,
+    EnvVar,
+    NameRef,
+    ResourceRequirements,
+    SecretRef,
+    Toleration,
+)
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/rlhf-trainer:0.1.0"
 
@@ -245,6 +253,12 @@ class HeadSpec(ApiModel):
         ),
         description="Head container resources.",
     )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the head must run on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the head tolerates."
+    )
 
 
 class WorkerSpec(ApiModel):
@@ -288,6 +302,21 @@ class ClusterSpec(ApiModel):
         default=None,
         description="ServiceAccount of the Ray pods (progress reporting); the chart's trainer "
         "account when empty.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Environment of the head and worker containers (e.g. NCCL_* settings, "
+        "HF_TOKEN through valueFrom.secretKeyRef). Secrets are referenced by name, never copied.",
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list,
+        description="Secrets or ConfigMaps whose every key becomes an environment variable of "
+        "the head and worker containers (referenced by name).",
+    )
+    image_pull_secrets: list[NameRef] = Field(
+        default_factory=list,
+        description="Secrets for pulling the trainer image from a private registry (Ray pods "
+        "and the stage submitter pods).",
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="Ray head pod.")
     workers: WorkerSpec = Field(default_factory=WorkerSpec, description="Ray worker group.")

@@ -273,8 +273,8 @@ def _progress_hints(job: Obj, now: datetime) -> list[Hint]:
                     "warning",
                     "NoProgress",
                     f"Stage {stage} has run {duration(running)} without a progress report. The "
-                    "trainer may lack permission to patch rlhfjobs/status (its ServiceAccount: "
-                    "spec.cluster.serviceAccountName), or is still loading: "
+                    "trainer may lack permission to patch rlhfjobprogresses/status (its "
+                    "ServiceAccount: spec.cluster.serviceAccountName), or is still loading: "
                     f"kubectl rlhf logs {name} --stage {stage}",
                 )
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from datetime import timedelta
 
-from rlhf_operator import builders, names, warmpool
+from rlhf_operator import builders, names, tenancy, warmpool
 from rlhf_operator.api import is_terminal
 from rlhf_operator.api.status import ClusterStatus
 from rlhf_operator.reconcile import kuberay
@@ -22,6 +22,7 @@ from rlhf_operator.reconcile.model import (
     ClaimCluster,
     ClusterObservation,
     CreateCluster,
+    CreateNetworkPolicy,
     DeleteCluster,
     ReleaseCluster,
 )
@@ -42,6 +43,7 @@ class Readiness(enum.Enum):
     WAITING = "Waiting"  # being claimed, created, deleted or provisioned: come back later
     CONFLICT = "Conflict"  # its name is taken by a RayCluster that is not the job's: wait
     TIMED_OUT = "TimedOut"  # not ready within spec.cluster.provisionTimeoutSeconds
+    UNAUTHENTICATED = "Unauthenticated"  # stored without spec.authOptions: KubeRay too old
 
 
 # --------------------------------------------------------------------------- acquire
@@ -55,7 +57,15 @@ def acquire_cluster(d: Draft, *, passed_over: str | None = None) -> None:
     `passed_over`: a pool cluster just found claimed by another job (the index may still list it).
     """
     pool = [c for c in d.observed.pool if c.name != passed_over]
-    candidate = warmpool.choose_candidate(pool, warmpool.pool_signature(d.job), d.now)
+    signature = warmpool.pool_signature(d.job)
+    for forged in warmpool.tampered(pool, signature):
+        d.warning(
+            names.WARM_POOL_TAMPERED,
+            f"Warm RayCluster {forged.name} carries this job's pool signature, but its spec is "
+            "not the one it was created with (edited since, labelled by hand, or built by "
+            "another operator version): not claimed. Delete it if nobody needs it.",
+        )
+    candidate = warmpool.choose_candidate(pool, signature, d.now)
     if candidate is not None and d.uid:
         _claim(d, candidate)
         return
@@ -63,11 +73,16 @@ def acquire_cluster(d: Draft, *, passed_over: str | None = None) -> None:
     d.status.cluster = ClusterStatus(
         name=name, reused=False, dashboard_url=builders.dashboard_url(name, d.namespace)
     )
-    d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+    d.actions.append(CreateCluster(_built(d, name)))
     d.normal(names.CLUSTER_CREATED, f"Creating RayCluster {name}.")
     pooling = d.job.spec.warm_pool
     if pooling.keep_alive_seconds or pooling.pool:
         d.normal(names.WARM_POOL_MISS, f"No warm RayCluster matches this job; creating {name}.")
+
+
+def _built(d: Draft, name: str) -> dict:
+    """The job's RayCluster, stamped for the warm pool's integrity check."""
+    return warmpool.stamp(builders.build_raycluster(d.job, name, d.owner()), d.job)
 
 
 def _claim(d: Draft, cluster: warmpool.PoolCluster) -> None:
@@ -138,6 +153,8 @@ def ensure_cluster(d: Draft) -> Readiness:
     """
     since = d.status.cluster.waiting_since
     readiness = _ensure(d)
+    if readiness is Readiness.UNAUTHENTICATED:
+        return readiness
     if readiness is Readiness.READY:
         d.status.cluster.waiting_since = None
         return readiness
@@ -159,7 +176,7 @@ def _ensure(d: Draft) -> Readiness:
         _reclaim(d, cluster)
         return Readiness.WAITING
     if cluster is None:
-        d.actions.append(CreateCluster(builders.build_raycluster(d.job, name, d.owner())))
+        d.actions.append(CreateCluster(_built(d, name)))
         d.condition(names.COND_CLUSTER_READY, False, CLUSTER_PROVISIONING, f"Creating {name}.")
         return Readiness.WAITING
     if not cluster.owned_by(d.name, d.uid) and _pool_squatter(d, cluster) and d.uid:
@@ -181,6 +198,10 @@ def _ensure(d: Draft) -> Readiness:
         d.condition(names.COND_CLUSTER_READY, False, names.CLUSTER_CONFLICT, message)
         d.status.message = message
         return Readiness.CONFLICT
+    if cluster.auth_mode != builders.AUTH_MODE_TOKEN and not cluster.deleting:
+        # The API server prunes fields its CRD does not know: a KubeRay older than 1.5.1
+        # dropped authOptions, and the cluster would run with open dashboard and GCS ports.
+        return Readiness.UNAUTHENTICATED
     if cluster.deleting:
         d.condition(
             names.COND_CLUSTER_READY,
@@ -234,22 +255,62 @@ def release_cluster(d: Draft, *, announce: bool = True) -> None:
             and rayjob is not None
             and warmpool.cluster_at_fault(rayjob.reason)
         )
+        room = d.observed.pooled_in_namespace < tenancy.MAX_POOLED_CLUSTERS
         if not stage_running and warmpool.is_poolable(
-            healthy=cluster.pool.healthy, failed_by_cluster=failed_by_cluster
+            healthy=cluster.pool.healthy,
+            failed_by_cluster=failed_by_cluster,
+            intact=cluster.pool.intact,
+            room=room,
         ):
             _pool(d, cluster.name, keep_alive, announce)
             return
+        why = "" if stage_running else _why_not_pooled(d, cluster.pool, room)
+    else:
+        why = ""
     d.actions.append(DeleteCluster(cluster.name))
-    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released.")
+    d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, f"{cluster.name} released{why}.")
     if announce:
-        d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}.")
+        d.normal(names.CLUSTER_DELETED, f"Deleting RayCluster {cluster.name}{why}.")
+
+
+def _why_not_pooled(d: Draft, pool: warmpool.PoolCluster, room: bool) -> str:
+    """The tenancy reasons a pool-bound cluster is deleted instead (said in its message)."""
+    if not room:
+        return (
+            f" (the namespace holds {d.observed.pooled_in_namespace} warm clusters already: "
+            "the operator's maxPooledClusters)"
+        )
+    if not pool.intact:
+        return " (its spec changed since it was created: never pooled)"
+    return ""
 
 
 def _pool(d: Draft, name: str, keep_alive: int, announce: bool) -> None:
     job_meta = {"name": d.name, "namespace": d.namespace, "uid": d.uid}
-    patch = warmpool.release_patch(job_meta, warmpool.pool_signature(d.job), keep_alive, d.now)
+    patch = warmpool.release_patch(
+        job_meta, warmpool.pool_signature(d.job), keep_alive, d.now, d.job.spec.warm_pool.pool
+    )
     d.actions.append(ReleaseCluster(name, patch))
     message = f"{name} released to the warm pool for {keep_alive}s."
     d.condition(names.COND_CLUSTER_READY, False, CLUSTER_RELEASED, message)
     if announce:
         d.normal(names.CLUSTER_POOLED, message)
+
+
+# --------------------------------------------------------------------------- network policy
+
+
+def ensure_network_policy(d: Draft) -> None:
+    """Create the recorded cluster's NetworkPolicy unless it exists (409 = there already).
+
+    Owned by the RayCluster (it needs the cluster's uid, so it follows the cluster's creation)
+    and so deleted with it, and kept with it in the warm pool. Called when a stage is about to
+    start on the cluster: a claimed warm cluster has one already, and the 409 is the answer.
+    """
+    cluster = d.observed.cluster
+    if not tenancy.NETWORK_POLICIES or cluster is None or not cluster.uid:
+        return
+    manifest = builders.build_network_policy(
+        cluster.name, d.namespace, cluster.uid, tenancy.RAY_CLIENT_NAMESPACES
+    )
+    d.actions.append(CreateNetworkPolicy(manifest))

@@ -34,12 +34,14 @@ from kubernetes.client.exceptions import ApiException
 from rlhf_operator import kube, metrics, names, settings, warmpool
 from rlhf_operator.api import RLHFJob, RLHFJobStatus
 from rlhf_operator.api.job import ObjectMeta
-from rlhf_operator.reconcile import kuberay, machine
+from rlhf_operator.reconcile import kuberay, machine, progress
 from rlhf_operator.reconcile.conditions import parse_time, status_patch
 from rlhf_operator.reconcile.model import (
     ClaimCluster,
     ClusterObservation,
     CreateCluster,
+    CreateNetworkPolicy,
+    CreateProgress,
     CreateRayJob,
     Decision,
     DeleteCluster,
@@ -88,6 +90,7 @@ def observe(
     rayjobs: Index,
     job: str,
     pool: Iterable[warmpool.PoolCluster] = (),
+    pooled_in_namespace: int = 0,
 ) -> Observed:
     """The job's children as the indexes last saw them (the cluster named in status, else the
     deterministic one, the current attempt's RayJob and the earlier attempts' that remain), and
@@ -107,6 +110,7 @@ def observe(
         cluster=cluster,
         rayjob=rayjob,
         pool=tuple(pool),
+        pooled_in_namespace=pooled_in_namespace,
         earlier=tuple(r for r in earlier if r is not None),
     )
 
@@ -116,6 +120,13 @@ def _pool_of(pool: Index | None, job: RLHFJob) -> Iterable[warmpool.PoolCluster]
     if not pool:
         return ()
     return pool.get((job.metadata.namespace, warmpool.pool_signature(job)), ())
+
+
+def _pooled_in(pool: Index | None, namespace: str | None) -> int:
+    """Available warm clusters of any signature in `namespace` (for maxPooledClusters)."""
+    if not pool:
+        return 0
+    return sum(len(list(pool.get(key, ()))) for key in list(pool) if key[0] == namespace)
 
 
 def _pinnable(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,8 +173,12 @@ def decide(
     rayjobs: Index,
     now: datetime,
     pool: Index | None = None,
+    reports: Index | None = None,
 ) -> tuple[RLHFJobStatus, Decision]:
     """Validate and run the state machine (no I/O): (the status read, the decision).
+
+    `reports`: the RLHFJobProgress index; the job's trainer report is mirrored into the
+    status the machine starts from (progress fields only: reconcile/progress.py).
 
     A job being deleted is the finalizer's (`finalize_job`): decide leaves it as it is, so a
     timer tick racing the deletion never creates a child or a retry for it.
@@ -178,10 +193,18 @@ def decide(
     if job is None:
         return status, machine.reject(status, problems, now, generation)
     observed = observe(
-        meta.get("namespace"), status, clusters, rayjobs, job.metadata.name, _pool_of(pool, job)
+        meta.get("namespace"),
+        status,
+        clusters,
+        rayjobs,
+        job.metadata.name,
+        _pool_of(pool, job),
+        _pooled_in(pool, meta.get("namespace")),
     )
+    report = _first(reports or {}, meta.get("namespace"), job.metadata.name)
+    reported = progress.mirror(status, report, meta.get("uid"), job.spec.enabled_stages())
     decision = machine.reconcile(
-        job, status, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
+        job, reported, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
     )
     return status, decision
 
@@ -193,6 +216,7 @@ def reconcile_job(
     post: PostEvent,
     now: datetime | None = None,
     pool: Index | None = None,
+    reports: Index | None = None,
 ) -> Decision | None:
     """One reconcile of one RLHFJob (the kopf timer calls this): the decision carried out, or
     None when none was (the job is gone, or kept changing under it: the next tick decides).
@@ -205,7 +229,7 @@ def reconcile_job(
     namespace, name = meta.get("namespace"), meta.get("name")
     for _ in range(1 + CONFLICT_RETRIES):
         try:
-            return _reconcile_once(body, clusters, rayjobs, post, now, pool)
+            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports)
         except StaleJob:
             logger.info("RLHFJob %s/%s changed since read; reading it again", namespace, name)
             fresh = kube.get_job(namespace, name)
@@ -223,6 +247,7 @@ def _reconcile_once(
     post: PostEvent,
     now: datetime,
     pool: Index | None,
+    reports: Index | None = None,
 ) -> Decision:
     """Decide and carry out, once (`StaleJob` when `body` is older than the stored job).
 
@@ -230,12 +255,12 @@ def _reconcile_once(
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
     clusters = explain_waiting(body, clusters)
-    status, decision = decide(body, clusters, rayjobs, now, pool)
+    status, decision = decide(body, clusters, rayjobs, now, pool, reports)
     body, claimed = apply(body, status, decision, post, now)
     if claimed is None:
         return decision
     clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
-    status, decision = decide(body, clusters, rayjobs, now, pool)
+    status, decision = decide(body, clusters, rayjobs, now, pool, reports)
     apply(body, status, decision, post, now)
     return decision
 
@@ -384,6 +409,10 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
             except ApiException as exc:
                 if exc.status != 404:  # gone already: nothing to hand to the pool
                     raise
+        case CreateNetworkPolicy(manifest=manifest):
+            kube.create_network_policy(manifest)
+        case CreateProgress(manifest=manifest):
+            kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
             kube.create_rayjob(manifest)
         case DeleteCluster(name=cluster):
@@ -419,7 +448,11 @@ def _api_message(exc: ApiException) -> str:
 
 
 def finalize_job(
-    body: Mapping[str, Any], clusters: Index, rayjobs: Index, post: PostEvent
+    body: Mapping[str, Any],
+    clusters: Index,
+    rayjobs: Index,
+    post: PostEvent,
+    pool: Index | None = None,
 ) -> Decision:
     """The RLHFJob is being deleted: stop its RayJob, release its cluster (the finalizer)."""
     meta = body["metadata"]
@@ -429,7 +462,14 @@ def finalize_job(
         job = RLHFJob.model_construct(
             metadata=ObjectMeta.model_validate({"name": meta["name"], "uid": meta.get("uid")})
         )
-    observed = observe(meta.get("namespace"), status, clusters, rayjobs, meta["name"])
+    observed = observe(
+        meta.get("namespace"),
+        status,
+        clusters,
+        rayjobs,
+        meta["name"],
+        pooled_in_namespace=_pooled_in(pool, meta.get("namespace")),
+    )
     since = parse_time(meta.get("deletionTimestamp"))
     decision = machine.finalize(job, status, observed, datetime.now(UTC), since)
     for action in decision.actions:

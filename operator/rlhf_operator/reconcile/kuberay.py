@@ -173,6 +173,8 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
         owner_uids=_owner_uids(meta),
         message=cluster_problem(status),
         pool=warmpool.observe(body),
+        uid=meta.get("uid") or "",
+        auth_mode=((body.get("spec") or {}).get("authOptions") or {}).get("mode"),
     )
 
 

@@ -27,19 +27,20 @@ from rlhf_operator import builders, names
 from rlhf_operator.api import STAGE_ORDER, RLHFJob, RLHFJobStatus, is_terminal
 from rlhf_operator.api.columns import progress_column, reward_column
 from rlhf_operator.api.spec import IMMUTABLE_FIELDS
-from rlhf_operator.api.status import EvaluationSummary
 from rlhf_operator.api.storage import artifact_uri
-from rlhf_operator.reconcile import kuberay
+from rlhf_operator.reconcile import kuberay, progress
 from rlhf_operator.reconcile.cluster import (
     CLUSTER_PROVISIONING,
     Readiness,
     acquire_cluster,
     ensure_cluster,
+    ensure_network_policy,
     release_cluster,
 )
 from rlhf_operator.reconcile.conditions import get_condition, parse_time, set_condition, timestamp
 from rlhf_operator.reconcile.draft import Draft
 from rlhf_operator.reconcile.model import (
+    CreateProgress,
     CreateRayJob,
     Decision,
     DeleteCluster,
@@ -187,7 +188,27 @@ def _cluster_ready(d: Draft) -> bool:
     readiness = ensure_cluster(d)
     if readiness is Readiness.TIMED_OUT:
         _provision_timed_out(d)
+    elif readiness is Readiness.UNAUTHENTICATED:
+        _unauthenticated(d)
     return readiness is Readiness.READY
+
+
+def _unauthenticated(d: Draft) -> None:
+    """The API server stored our RayCluster without spec.authOptions: its KubeRay CRD predates
+    token authentication. Never run a stage on an open Ray; delete the cluster, say why."""
+    name = d.status.cluster.name
+    _fail(
+        d,
+        names.RAY_AUTH_UNSUPPORTED,
+        f"RayCluster {name} was stored without spec.authOptions: the installed KubeRay CRDs "
+        "predate Ray token authentication, and its Ray dashboard, client and GCS ports would "
+        "take any caller. Upgrade KubeRay (operator and CRDs) to v1.5.1 or newer, then "
+        "re-create the RLHFJob.",
+    )
+    cluster = d.observed.cluster
+    if cluster is not None and cluster.owned_by(d.name, d.uid) and not cluster.deleting:
+        d.actions[:] = [a for a in d.actions if not isinstance(a, DeleteCluster | ReleaseCluster)]
+        d.actions.append(DeleteCluster(cluster.name))
 
 
 def _provision_timed_out(d: Draft) -> None:
@@ -258,7 +279,14 @@ def _provision(d: Draft, _: str | None) -> None:
         )
     else:
         d.normal(names.CLUSTER_READY, f"RayCluster {name} is ready.")
+    ensure_network_policy(d)
+    _ensure_progress(d)
     _start_attempt(d, d.status.stage or d.job.spec.enabled_stages()[0])
+
+
+def _ensure_progress(d: Draft) -> None:
+    """The RLHFJobProgress the trainer reports to (create-if-absent: 409 after the first)."""
+    d.actions.append(CreateProgress(progress.build_progress(d.name, d.namespace, d.owner())))
 
 
 def _start_attempt(d: Draft, stage: str, *, announce: bool = True) -> None:
@@ -320,6 +348,8 @@ def _run(d: Draft, _: str | None) -> None:
         _retry_when_stopped(d, stage)
         return
     if rayjob is None:
+        ensure_network_policy(d)  # a restart may have come between status and the creates
+        _ensure_progress(d)
         manifest = builders.build_stage_rayjob(d.job, stage, st.attempts, s.cluster.name, d.owner())
         d.actions.append(CreateRayJob(manifest))  # recorded but not seen yet: ensure it
         return
@@ -393,11 +423,7 @@ def _stage_succeeded(d: Draft, stage: str) -> None:
     d.condition(names.stage_condition(stage), True, "StageSucceeded", f"Stage {stage} succeeded.")
     d.normal(names.STAGE_SUCCEEDED, f"Stage {stage} succeeded (attempt {st.attempts}).")
     if stage == "evaluation" and st.metrics:
-        s.evaluation = EvaluationSummary(
-            win_rate=st.metrics.get("win_rate"),
-            mean_reward_before=st.metrics.get("mean_reward_sft"),
-            mean_reward_after=st.metrics.get("mean_reward_rlhf"),
-        )
+        s.evaluation = progress.evaluation_summary(st.metrics)
     s.reward = reward_column(st.metrics) or s.reward
     enabled = d.job.spec.enabled_stages()
     later = enabled[enabled.index(stage) + 1 :]

@@ -21,6 +21,8 @@ class ClusterObservation:
     owner_uids: tuple[str, ...] = ()
     message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
+    uid: str = ""
+    auth_mode: str | None = None  # spec.authOptions.mode as stored (None: pruned by old KubeRay)
     pod_problem: str | None = None  # what its pods and their Warning Events say (not ready)
 
     @property
@@ -65,6 +67,7 @@ class Observed:
     cluster: ClusterObservation | None = None
     rayjob: RayJobObservation | None = None
     pool: tuple[PoolCluster, ...] = ()  # available warm clusters with the job's signature
+    pooled_in_namespace: int = 0  # available warm clusters of any signature in the namespace
     earlier: tuple[RayJobObservation, ...] = ()
 
 
@@ -87,6 +90,20 @@ class CreateCluster:
     @property
     def name(self) -> str:
         return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class CreateNetworkPolicy:
+    """Create a RayCluster's NetworkPolicy unless it exists (409 = already there)."""
+
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CreateProgress:
+    """Create the job's RLHFJobProgress unless it exists (409 = already there)."""
+
+    manifest: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,8 @@ class DeleteJob:
 Action = (
     PinSpec
     | CreateCluster
+    | CreateNetworkPolicy
+    | CreateProgress
     | DeleteCluster
     | ClaimCluster
     | ReleaseCluster
