@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-os.environ.setdefault("RLHF_RECONCILE_INTERVAL", "0.1")  # scenarios finish in seconds
+os.environ.setdefault("RLHF_RESYNC_INTERVAL", "60")  # long: tests prove the event path
 os.environ.setdefault("RLHF_POOL_SWEEP_INTERVAL", "0.2")  # warm-pool expiry sweep
 os.environ["KUBECONFIG"] = os.path.join(tempfile.mkdtemp(prefix="rlhf-tests-"), "kubeconfig")
 

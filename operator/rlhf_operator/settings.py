@@ -1,4 +1,4 @@
-"""How the operator runs inside kopf: storage of kopf's own state, workers, timer interval."""
+"""How the operator runs inside kopf: storage of kopf's own state, workers, resync interval."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import kopf
 
 from rlhf_operator import kube, names
 
-RECONCILE_INTERVAL = float(os.environ.get("RLHF_RECONCILE_INTERVAL", "5"))
-"""Seconds between two reconciles of a job (its timer); tests shorten it."""
+RESYNC_INTERVAL = float(os.environ.get("RLHF_RESYNC_INTERVAL", "60"))
+"""Seconds after which a running job is reconciled even though nothing woke it (a safety net
+for a lost watch event: changes of the job and its children wake it at once, see wake.py).
+Finished jobs have no resync."""
+
+ERROR_BACKOFF = float(os.environ.get("RLHF_ERROR_BACKOFF", "1"))
+"""Seconds before a reconcile that raised is retried; doubled per failure, up to the resync."""
 
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
