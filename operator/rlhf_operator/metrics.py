@@ -25,6 +25,7 @@ Metrics (all prefixed ``rlhf_operator_``):
 ``warm_pool_expiries_total``                 counter    warm clusters deleted, unclaimed
 ``reconcile_errors_total{error}``            counter    exceptions escaping a reconcile
 ``apply_to_first_rayjob_seconds``            histogram  creationTimestamp -> first RayJob
+``leader``                                   gauge      1: this replica holds the Lease and acts
 ==========================================  =========  =====================================
 
 Each ``OperatorMetrics`` owns a ``CollectorRegistry`` (not the process-global one), so tests get
@@ -120,6 +121,12 @@ class OperatorMetrics:
             buckets=APPLY_TO_RAYJOB_BUCKETS,
             registry=r,
         )
+        self.leader = Gauge(
+            f"{PREFIX}_leader",
+            "1 on the replica that holds the leader-election Lease and acts, 0 on a standby.",
+            registry=r,
+        )
+        self.leader.set(1)  # without leader election the one replica acts
         self._phases: dict[tuple[str, str], str] = {}
         self._last: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._lock = threading.Lock()  # kopf runs handlers concurrently; the phase map is shared
@@ -205,6 +212,10 @@ class OperatorMetrics:
             self._phases.pop((namespace, name), None)
             self._last.pop((namespace, name), None)
             self._publish_phases()
+
+    def set_leader(self, leading: bool) -> None:
+        """This replica took (True) or lost / waits for (False) the leader-election Lease."""
+        self.leader.set(1 if leading else 0)
 
     def observe_pool_expiry(self, count: int = 1) -> None:
         """The warm-pool timer deleted `count` expired clusters."""

@@ -21,9 +21,27 @@ WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
 
 
+WAKE_HANDLERS = ("job_changed", "raycluster_changed", "rayjob_changed")
+
+
+class _QuietWakeups(logging.Filter):
+    """Drop kopf's "Handler 'rayjob_changed' succeeded." lines: the wake-up handlers run on
+    every watch event of every job and child (thousands a minute on a busy cluster) and only
+    set a flag; their failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.endswith("succeeded.") and any(f"'{h}'" in message for h in WAKE_HANDLERS)
+        )
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Apply the operator's settings and connect its API client (kopf's startup handler)."""
     kube.configure()
+    quiet = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _QuietWakeups) for f in quiet.filters):
+        quiet.addFilter(_QuietWakeups())
     # kopf's own progress and diff-base live in annotations: our status schema is strict, and
     # the API server would prune a `status.kopf` it does not know.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
