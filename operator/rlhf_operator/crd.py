@@ -34,6 +34,8 @@ PRINTER_COLUMNS = [
     {"name": "Reward", "type": "string", "jsonPath": ".status.reward"},
     {"name": "Cluster", "type": "string", "jsonPath": ".status.cluster.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # `kubectl get -o wide`: why a job waits (e.g. Queued: which LocalQueue) or failed
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 
 RESOURCE_DESCRIPTION = (

@@ -75,12 +75,16 @@ def signature_material(job: RLHFJob) -> dict[str, Any]:
 
     The RayCluster spec the builders make for the job: what the pods run and mount, whoever
     wrote the field (spec.cluster, storage Secret and endpoint, every pvc:// claim the job reads
-    or writes). Plus the namespace (no reuse across tenants) and the explicit pool name.
+    or writes). Plus the namespace (no reuse across tenants), the explicit pool name and the
+    Kueue queue.
     """
     cluster = builders.build_raycluster(job, _SIGNATURE_CLUSTER_NAME, owner={})
     return {
         "namespace": job.metadata.namespace or "",
         "pool": job.spec.warm_pool.pool,
+        # A pooled cluster keeps its Kueue admission (and the quota it holds) in its queue:
+        # only a job of the same LocalQueue may take it over.
+        "queue": job.spec.cluster.queue_name,
         "rayClusterSpec": cluster["spec"],
     }
 

@@ -306,6 +306,8 @@ class SimulatedKubeRay(TickingController):
             meta = cluster["metadata"]
             if meta.get("deletionTimestamp"):
                 continue
+            if (cluster.get("spec") or {}).get("suspend"):
+                continue  # KubeRay makes no pods for a suspended cluster (e.g. Kueue holds it)
             if (cluster.get("status") or {}).get("state") == "ready":
                 ready.add((meta["namespace"], meta["name"]))
             elif self._older("cluster", cluster) >= self.ready_after:

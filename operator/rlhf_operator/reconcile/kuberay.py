@@ -97,6 +97,9 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
         owner_uids=_owner_uids(meta),
         message=cluster_problem(status),
         pool=warmpool.observe(body),
+        suspended=bool((body.get("spec") or {}).get("suspend"))
+        or status.get("state") == "suspended",
+        queue=(meta.get("labels") or {}).get(names.LABEL_KUEUE_QUEUE),
     )
 
 

@@ -21,6 +21,8 @@ class ClusterObservation:
     owner_uids: tuple[str, ...] = ()
     message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
+    suspended: bool = False  # spec.suspend: e.g. Kueue holds it until its queue admits it
+    queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
 
     def owned_by(self, job: str, uid: str | None) -> bool:
         """Ours: owned by the job's uid, never by name alone (a cluster left by an earlier job
