@@ -74,6 +74,7 @@ async def reconcile(
     @metrics.count_reconcile_errors
     def once() -> None:
         job = driver.snapshot(body)
+        metrics.METRICS.observe_reconcile((job.get("status") or {}).get("phase") or "Pending")
         driver.reconcile_job(job, rayclusters, rayjobs, events.post, pool=warm_pool)
 
     await wake.reconcile_loop(
