@@ -184,7 +184,15 @@ async def keep(elector: LeaderElector, on_lost: Callable[[], None]) -> None:
     (the operator stops acting) and return."""
     while True:
         await asyncio.sleep(elector.config.retry_period)
-        if await asyncio.to_thread(elector.try_acquire_or_renew):
+        # A renewal stuck on a slow API (the client retries) must not outlive the deadline.
+        left = elector.config.renew_deadline - (elector._clock() - (elector.renewed_at or 0))
+        try:
+            renewed = await asyncio.wait_for(
+                asyncio.to_thread(elector.try_acquire_or_renew), max(left, 0.1)
+            )
+        except TimeoutError:
+            renewed = False
+        if renewed:
             continue
         if elector.deadline_passed() or not _still_ours(elector):
             logger.error("leader election: %s lost Lease %s", elector.identity, elector.config.name)

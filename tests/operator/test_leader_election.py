@@ -281,3 +281,23 @@ async def test_killing_the_active_replica_hands_over_and_creates_nothing_twice(
     assert {n for n in names_seen if n.endswith("-1")} == {
         f"{n}-{stage}-1" for n in jobs for stage in ("sft", "reward", "ppo", "evaluation")
     }
+
+
+async def test_a_leader_that_cannot_renew_in_time_stops_acting(leases: RLHFEmulator) -> None:
+    """The API hangs: the leader gives up at its renew deadline, before the Lease expires for
+    the others (renew deadline < lease duration), even though its request never returns."""
+    config = leader.LeaseConfig(namespace=NS, identity="a", duration=3, renew_deadline=1.5,
+                                retry_period=0.3)  # fmt: skip
+    elector = leader.LeaderElector(config)
+    assert await asyncio.to_thread(elector.try_acquire_or_renew)
+    lost = asyncio.Event()
+    hold = leases.tripwire(lambda r: r.resource == kmock.resource(LEASES), landed=False)
+    started = time.monotonic()
+    keeper = asyncio.create_task(leader.keep(elector, lost.set))
+    try:
+        await asyncio.wait_for(lost.wait(), timeout=10)
+        assert time.monotonic() - started < config.duration  # before anyone may take over
+        assert not elector.leading
+    finally:
+        hold.release()
+        keeper.cancel()
