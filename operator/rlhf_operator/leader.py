@@ -12,11 +12,11 @@ Lease is claimed by a write with the resourceVersion it was read at (the API ser
 second, concurrent claim with 409), and a leader that cannot renew within `renew_deadline`
 (shorter than the lease duration) stops acting before anybody else may take over.
 
-The timing (defaults): the leader renews every `retry_period` (2 s); a standby takes over once
+The timing (defaults): the leader renews every `retry_period` (1 s); a standby takes over once
 it saw the Lease unchanged for `duration` (10 s) measured on its own clock (no clock-skew
 assumptions, as client-go); a leader that could not renew for `renew_deadline` (7 s) gives up
 (the process exits and is restarted as a standby). A killed leader is replaced within
-duration + retry_period = 12 s; a stopped one at the standby's next try (2 s).
+duration + 2.2 retry periods = 12.2 s; a stopped one at the standby's next try (1 s).
 
 Even if two replicas overlapped, nothing would be created twice: children have deterministic
 names and are created if absent (ARCHITECTURE.md §4); the election keeps their work (and API
@@ -33,6 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,7 +54,7 @@ class LeaseConfig:
     identity: str = ""
     duration: float = 10.0
     renew_deadline: float = 7.0
-    retry_period: float = 2.0
+    retry_period: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.retry_period < self.renew_deadline < self.duration:
@@ -172,10 +173,20 @@ class LeaderElector:
             logger.warning("leader election: could not release Lease %s: %s", cfg.name, exc)
 
 
+# The Lease's own thread: asyncio.to_thread's default executor is shared (kopf, the pool
+# sweep), and a renewal queued behind a burst of reconciles would miss its deadline.
+_LEASE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
+
+
+async def _attempt(elector: LeaderElector) -> bool:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_LEASE_THREAD, elector.try_acquire_or_renew)
+
+
 async def acquire(elector: LeaderElector) -> None:
     """Wait (as a standby) until this replica holds the Lease."""
     period = elector.config.retry_period
-    while not await asyncio.to_thread(elector.try_acquire_or_renew):
+    while not await _attempt(elector):
         await asyncio.sleep(period * random.uniform(1.0, 1.2))  # jitter, as client-go
 
 
@@ -187,9 +198,7 @@ async def keep(elector: LeaderElector, on_lost: Callable[[], None]) -> None:
         # A renewal stuck on a slow API (the client retries) must not outlive the deadline.
         left = elector.config.renew_deadline - (elector._clock() - (elector.renewed_at or 0))
         try:
-            renewed = await asyncio.wait_for(
-                asyncio.to_thread(elector.try_acquire_or_renew), max(left, 0.1)
-            )
+            renewed = await asyncio.wait_for(_attempt(elector), max(left, 0.1))
         except TimeoutError:
             renewed = False
         if renewed:
