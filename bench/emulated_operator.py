@@ -44,7 +44,7 @@ class EmulatedOperator:
 
     def start_replica(self, name: str, *args: str) -> subprocess.Popen:
         """An operator process against the API (more than one: e.g. leader election)."""
-        with (self.workdir / f"{name}.log").open("w") as log:
+        with (self.workdir / f"{name}.log").open("a") as log:
             process = subprocess.Popen(
                 [*OPERATOR, *args],
                 env={**self.env, "POD_NAME": name},
