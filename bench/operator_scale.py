@@ -166,17 +166,32 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
             finished = await _phase(api, names, "Succeeded", timeout)
             wall = time.monotonic() - start
 
-            leader = _holder(api) or "operator"
-            active = psutil.Process(emulated.processes[["operator", "standby"].index(leader)].pid)
-            await asyncio.sleep(3)  # the last status writes and Events settle
-            cpu0, t0 = _cpu_seconds(active), time.monotonic()
-            await asyncio.sleep(rest)
-            rest_cpu = 100 * (_cpu_seconds(active) - cpu0) / (time.monotonic() - t0)
-            rss = active.memory_info().rss / 2**20
+            _print_scale(rec, names, jobs, applied, finished, wall)
 
+            await asyncio.sleep(3)  # the last status writes and Events settle
+            rest_cpu = rss = float("nan")
+            for _ in range(3):  # the leader may change (a loaded machine): measure it again
+                leader = _holder(api) or "operator"
+                slot = ["operator", "standby"].index(leader)
+                try:
+                    active = psutil.Process(emulated.processes[slot].pid)
+                    cpu0, t0 = _cpu_seconds(active), time.monotonic()
+                    await asyncio.sleep(rest)
+                    rest_cpu = 100 * (_cpu_seconds(active) - cpu0) / (time.monotonic() - t0)
+                    rss = active.memory_info().rss / 2**20
+                    break
+                except psutil.NoSuchProcess:
+                    continue
+            print(
+                f"  at rest ({jobs} finished, {rest:.0f} s): CPU {rest_cpu:5.2f} % of one core, "
+                f"RSS {rss:.0f} MB   target: <= {TARGET_REST_CPU:.0f} %, <= {TARGET_RSS_MB:.0f} MB",
+                flush=True,
+            )
+
+            leader = _holder(api) or "operator"
             other = "standby" if leader == "operator" else "operator"
             killed.add(leader)
-            active.send_signal(signal.SIGKILL)
+            emulated.processes[["operator", "standby"].index(leader)].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             await create_job(api, sample_job("after-failover"))
             while _holder(api) != other and time.monotonic() - killed_at < 120:
@@ -188,24 +203,6 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
             await _phase(api, ["after-failover"], "Succeeded", 60)
             kubelet.cancel()
 
-    to_cluster = [rec.cluster[n] - rec.applied[n] for n in names if n in rec.cluster]
-    to_rayjob = [rec.rayjob[n] - rec.ready[n] for n in names if n in rec.rayjob and n in rec.ready]
-    print(f"operator scale: {jobs} RLHFJobs applied at once (in {applied:.1f} s), 2 replicas")
-    print(f"  all {finished}/{jobs} jobs Succeeded after {wall:.1f} s")
-    for label, values, target in (
-        ("apply -> RayCluster", to_cluster, TARGET_CLUSTER_P99_S),
-        ("ready -> first RayJob", to_rayjob, TARGET_RAYJOB_P99_S),
-    ):
-        if values:
-            print(
-                f"  {label:22s} p50 {statistics.median(values):6.2f} s  p99 "
-                f"{_percentile(values, 0.99):6.2f} s   target: p99 <= {target:.0f} s "
-                f"({len(values)}/{jobs} jobs)"
-            )
-    print(
-        f"  at rest ({jobs} finished, {rest:.0f} s): CPU {rest_cpu:5.2f} % of one core, RSS "
-        f"{rss:.0f} MB   target: <= {TARGET_REST_CPU:.0f} %, <= {TARGET_RSS_MB:.0f} MB"
-    )
     print(
         f"  failover: Lease taken {takeover:5.1f} s, next action (RayCluster of a job applied "
         f"at the kill) {next_action:5.1f} s after SIGKILL   target: <= {TARGET_TAKEOVER_S:.0f} s"
@@ -214,6 +211,26 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
     print(f"  replicas restarted after losing the Lease on the loaded machine: {emulated.restarts}")
     print(f"  operator logs           {emulated.workdir}")
     return 0
+
+
+def _print_scale(
+    rec: Recorder, names: list[str], jobs: int, applied: float, finished: int, wall: float
+) -> None:
+    to_cluster = [rec.cluster[n] - rec.applied[n] for n in names if n in rec.cluster]
+    to_rayjob = [rec.rayjob[n] - rec.ready[n] for n in names if n in rec.rayjob and n in rec.ready]
+    print(f"operator scale: {jobs} RLHFJobs applied at once (in {applied:.1f} s), 2 replicas")
+    print(f"  {finished}/{jobs} jobs Succeeded after {wall:.1f} s")
+    for label, values, target in (
+        ("apply -> RayCluster", to_cluster, TARGET_CLUSTER_P99_S),
+        ("ready -> first RayJob", to_rayjob, TARGET_RAYJOB_P99_S),
+    ):
+        if values:
+            print(
+                f"  {label:22s} p50 {statistics.median(values):6.2f} s  p99 "
+                f"{_percentile(values, 0.99):6.2f} s   target: p99 <= {target:.0f} s "
+                f"({len(values)}/{jobs} jobs)",
+                flush=True,
+            )
 
 
 def main() -> int:
