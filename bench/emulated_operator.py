@@ -32,6 +32,7 @@ class EmulatedOperator:
     workdir: Path
     env: dict[str, str]
     processes: list[subprocess.Popen] = field(default_factory=list)
+    stop_first: list[asyncio.Task[None]] = field(default_factory=list)  # cancelled at teardown
 
     @property
     def process(self) -> subprocess.Popen:
@@ -81,6 +82,8 @@ async def emulated_operator(
         try:
             yield emulated
         finally:
+            for task in emulated.stop_first:
+                task.cancel()
             for process in emulated.processes:
                 if process.poll() is None:
                     process.terminate()

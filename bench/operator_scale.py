@@ -158,6 +158,7 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
                 await asyncio.sleep(0.2)
             emulated.start_replica("standby", *election)
             kubelet = asyncio.create_task(_kubelet(emulated, election, killed))
+            emulated.stop_first.append(kubelet)  # never restart a replica during teardown
             await asyncio.sleep(5)  # the standby starts and reads the Lease
             names = [f"job-{i:04d}" for i in range(jobs)]
             start = time.monotonic()
