@@ -196,6 +196,9 @@ def _pod_template(
         "metadata": {"labels": labels},
         "spec": {
             "serviceAccountName": cluster.service_account_name or TRAINER_SERVICE_ACCOUNT,
+            **(
+                {"priorityClassName": priority} if (priority := cluster.priority_class_name) else {}
+            ),
             "securityContext": _pod_security_context(),
             "containers": [full_container],
             "volumes": volumes,
@@ -248,6 +251,10 @@ def build_raycluster(job: RLHFJob, name: str, owner: dict[str, Any]) -> dict[str
         tolerations=[t.to_wire() for t in workers.tolerations],
         affinity=workers.affinity,
     )
+    if cluster.queue_name:
+        # Kueue admits the RayCluster as one gang: its webhook suspends it on creation
+        # (spec.suspend) until the LocalQueue's ClusterQueue has quota for all its pods.
+        labels = {**labels, names.LABEL_KUEUE_QUEUE: cluster.queue_name}
     return {
         "apiVersion": names.RAY_API_VERSION,
         "kind": names.RAYCLUSTER_KIND,

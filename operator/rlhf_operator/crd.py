@@ -44,7 +44,8 @@ PRINTER_COLUMNS = [
     {"name": "Reward", "type": "string", "jsonPath": ".status.reward"},
     {"name": "Cluster", "type": "string", "jsonPath": ".status.cluster.name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    # `kubectl get rlhf -o wide`: why a job waits (its cluster's pods, a name conflict) or failed
+    # `kubectl get rlhf -o wide`: why a job waits (Queued: which LocalQueue; its cluster's pods;
+    # a name conflict) or failed
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

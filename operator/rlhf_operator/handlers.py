@@ -1,11 +1,11 @@
 """kopf handlers: decorators only, each delegating in one line.
 
-Why one timer rather than create/update/resume handlers: the state machine needs the job AND its
-children's statuses, and children change without the job changing. A per-job timer re-runs the
-one reconcile every few seconds (kopf never overlaps two runs for the same job), and reads the
-children from kopf indexes — in-memory caches fed by watches of RayClusters and RayJobs — so an
-idle tick costs no API call. The first tick runs as soon as a job appears (creation, or operator
-start for existing jobs: that is "resume"); edits are picked up on the next tick.
+One reconcile loop per job (a kopf daemon, see wake.py): it reconciles when the job appears
+(creation, or operator start for existing jobs: that is "resume"), then sleeps until the job or
+one of its children changes (the event handlers below wake it through `memo.wakeups`), a
+deadline is due, or — for a running job only — the slow resync interval passed. kopf never runs
+two loops for one job. The reconcile reads the children from kopf indexes — in-memory caches fed
+by watches of RayClusters and RayJobs — so waking costs no API read.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from rlhf_operator import events, metrics, names, pool_sweeper, warmpool
+from rlhf_operator import events, metrics, names, pool_sweeper, wake, warmpool
 from rlhf_operator import settings as operator_settings
 from rlhf_operator.api import GROUP, PLURAL, VERSION
 from rlhf_operator.api.progress import PROGRESS_PLURAL
@@ -22,8 +22,10 @@ from rlhf_operator.reconcile import driver, kuberay, progress
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings.configure(settings)
+    memo.wakeups = wake.Wakeups()  # shared: every job's memo is a shallow copy of this one
+    memo.executor = settings.execution.executor  # kopf's pool for sync handlers (WORKERS)
 
 
 @kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
@@ -62,24 +64,63 @@ def progress_reports(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
     return {(namespace, name): progress.observe_progress(body)}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=operator_settings.RECONCILE_INTERVAL)
-@metrics.count_reconcile_errors
-def reconcile(
+# Stopping (deletion, operator exit) sets `stopped`: the loop ends at once, or after the
+# reconcile in flight (cancelled after 0.1 s, it still waits for it: wake._finish).
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=0.1, cancellation_timeout=10)
+async def reconcile(
+    uid: str,
     body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
     rayclusters: kopf.Index,
     rayjobs: kopf.Index,
     warm_pool: kopf.Index,
     progress_reports: kopf.Index,
     **_: Any,
 ) -> None:
-    driver.reconcile_job(
-        driver.snapshot(body),
-        rayclusters,
-        rayjobs,
-        events.post,
-        pool=warm_pool,
-        reports=progress_reports,
+    @metrics.count_reconcile_errors
+    def once() -> None:
+        job = driver.snapshot(body)
+        metrics.METRICS.observe_reconcile((job.get("status") or {}).get("phase") or "Pending")
+        driver.reconcile_job(
+            job, rayclusters, rayjobs, events.post, pool=warm_pool, reports=progress_reports
+        )
+
+    await wake.reconcile_loop(
+        uid,
+        body,
+        memo.wakeups,
+        once,
+        stopped,
+        resync=operator_settings.RESYNC_INTERVAL,
+        error_backoff=operator_settings.ERROR_BACKOFF,
+        executor=memo.executor,
     )
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def job_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.wakeups.wake(uid)
+
+
+@kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
+async def raycluster_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    for owner in wake.owner_uids(body):
+        memo.wakeups.wake(owner)
+
+
+@kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
+async def rayjob_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    for owner in wake.owner_uids(body):
+        memo.wakeups.wake(owner)
+
+
+# A trainer's report (its job's RLHFJobProgress, owned by the job) is mirrored into the job's
+# status by the job's reconcile: wake it, or the numbers would wait for the slow resync.
+@kopf.on.event(GROUP, VERSION, PROGRESS_PLURAL)
+async def progress_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    for owner in wake.owner_uids(body):
+        memo.wakeups.wake(owner)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

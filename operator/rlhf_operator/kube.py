@@ -394,3 +394,68 @@ def delete_job(namespace: str, name: str) -> None:
         propagation_policy="Background",
         _request_timeout=REQUEST_TIMEOUT,
     )
+
+
+# --------------------------------------------------------------------------- leader election
+
+LEASE_GROUP = "coordination.k8s.io"
+LEASE_CALLS: dict[str, ApiCall] = {}
+"""The Lease requests of leader election (leader.py). Kept apart from `API_CALLS`: the Lease
+lives in the operator's own namespace, granted by its own Role (the chart's leader-election
+Role), whatever namespaces the operator serves."""
+
+
+def lease_call(verb: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def register(fn: Callable[P, R]) -> Callable[P, R]:
+        LEASE_CALLS[fn.__name__] = ApiCall(LEASE_GROUP, "leases", verb)
+        return fn
+
+    return register
+
+
+def lease_permissions() -> dict[tuple[str, str], list[str]]:
+    rules: dict[tuple[str, str], set[str]] = {}
+    for call in LEASE_CALLS.values():
+        rules.setdefault((call.group, call.resource), set()).add(call.verb)
+    return {key: sorted(verbs) for key, verbs in sorted(rules.items())}
+
+
+def _coordination() -> kubernetes.client.CoordinationV1Api:
+    with _lock:
+        if _client is None:
+            raise RuntimeError("rlhf_operator.kube.configure() was not called")
+        return kubernetes.client.CoordinationV1Api(_client)
+
+
+LEASE_TIMEOUT = (2, 3)  # a renewal that hangs must not outlive the renew deadline
+
+
+@lease_call("get")
+@_ignoring(404)
+def read_lease(namespace: str, name: str) -> dict[str, Any]:
+    """The Lease as stored (None: there is none yet)."""
+    lease = _coordination().read_namespaced_lease(name, namespace, _request_timeout=LEASE_TIMEOUT)
+    return _coordination().api_client.sanitize_for_serialization(lease)
+
+
+@lease_call("create")
+def create_lease(namespace: str, lease: dict[str, Any]) -> dict[str, Any]:
+    """Create the Lease (409: another replica created it first)."""
+    created = _coordination().create_namespaced_lease(
+        namespace, lease, _request_timeout=LEASE_TIMEOUT
+    )
+    return _coordination().api_client.sanitize_for_serialization(created)
+
+
+@lease_call("patch")
+def patch_lease(namespace: str, name: str, lease: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patch the Lease; `lease` carries the resourceVersion it was read at, so a replica
+    that decided on an old copy gets 409 instead of overwriting another's claim."""
+    patched = _coordination().patch_namespaced_lease(
+        name,
+        namespace,
+        lease,
+        _content_type="application/merge-patch+json",
+        _request_timeout=LEASE_TIMEOUT,
+    )
+    return _coordination().api_client.sanitize_for_serialization(patched)

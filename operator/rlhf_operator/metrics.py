@@ -25,6 +25,8 @@ Metrics (all prefixed ``rlhf_operator_``):
 ``warm_pool_expiries_total``                 counter    warm clusters deleted, unclaimed
 ``reconcile_errors_total{error}``            counter    exceptions escaping a reconcile
 ``apply_to_first_rayjob_seconds``            histogram  creationTimestamp -> first RayJob
+``reconciles_total{phase}``                  counter    reconciles run, by the job's phase
+``leader``                                   gauge      1: this replica holds the Lease and acts
 ==========================================  =========  =====================================
 
 Each ``OperatorMetrics`` owns a ``CollectorRegistry`` (not the process-global one), so tests get
@@ -120,6 +122,18 @@ class OperatorMetrics:
             buckets=APPLY_TO_RAYJOB_BUCKETS,
             registry=r,
         )
+        self.reconciles = Counter(
+            f"{PREFIX}_reconciles",
+            "Reconciles run, by the job's phase (finished jobs run none unless they change).",
+            ["phase"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            f"{PREFIX}_leader",
+            "1 on the replica that holds the leader-election Lease and acts, 0 on a standby.",
+            registry=r,
+        )
+        self.leader.set(1)  # without leader election the one replica acts
         self._phases: dict[tuple[str, str], str] = {}
         self._last: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._lock = threading.Lock()  # kopf runs handlers concurrently; the phase map is shared
@@ -205,6 +219,14 @@ class OperatorMetrics:
             self._phases.pop((namespace, name), None)
             self._last.pop((namespace, name), None)
             self._publish_phases()
+
+    def observe_reconcile(self, phase: str) -> None:
+        """One reconcile of a job in `phase` starts."""
+        self.reconciles.labels(phase).inc()
+
+    def set_leader(self, leading: bool) -> None:
+        """This replica took (True) or lost / waits for (False) the leader-election Lease."""
+        self.leader.set(1 if leading else 0)
 
     def observe_pool_expiry(self, count: int = 1) -> None:
         """The warm-pool timer deleted `count` expired clusters."""

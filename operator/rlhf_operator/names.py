@@ -61,6 +61,8 @@ STAGE_FAILED = "StageFailed"
 JOB_SUCCEEDED = "JobSucceeded"
 JOB_FAILED = "JobFailed"
 JOB_SUSPENDED = "JobSuspended"
+JOB_QUEUED = "Queued"  # Kueue holds the RayCluster suspended (also the ClusterReady reason)
+JOB_ADMITTED = "Admitted"
 JOB_RESUMED = "JobResumed"
 JOB_EXPIRED = "JobExpired"  # ttlSecondsAfterFinished reached: the RLHFJob is deleted
 DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -132,3 +134,7 @@ def job_name_problems(job: str) -> list[str]:
             "digits and '-' (KubeRay names its RayCluster and RayJobs after it); rename the job."
         )
     return problems
+
+
+# Kueue (kueue.x-k8s.io): the label that puts a workload (our RayCluster) in a LocalQueue.
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"

@@ -1,4 +1,4 @@
-"""How the operator runs inside kopf: storage of kopf's own state, workers, timer interval."""
+"""How the operator runs inside kopf: storage of kopf's own state, workers, resync interval."""
 
 from __future__ import annotations
 
@@ -9,20 +9,45 @@ import kopf
 
 from rlhf_operator import kube, names
 
-RECONCILE_INTERVAL = float(os.environ.get("RLHF_RECONCILE_INTERVAL", "5"))
-"""Seconds between two reconciles of a job (its timer); tests shorten it."""
+RESYNC_INTERVAL = float(os.environ.get("RLHF_RESYNC_INTERVAL", "60"))
+"""Seconds after which a running job is reconciled even though nothing woke it (a safety net
+for a lost watch event: changes of the job and its children wake it at once, see wake.py).
+Finished jobs have no resync."""
 
-EXPLAIN_INTERVAL = 6 * RECONCILE_INTERVAL
-"""Seconds between two reads of a waiting cluster's pods and Events (why it is not ready):
-slower than the reconcile, so many jobs queued for GPUs cost the API server little."""
+ERROR_BACKOFF = float(os.environ.get("RLHF_ERROR_BACKOFF", "1"))
+"""Seconds before a reconcile that raised is retried; doubled per failure, up to the resync."""
+
+EXPLAIN_INTERVAL = float(os.environ.get("RLHF_EXPLAIN_INTERVAL", "30"))
+"""Seconds between two reads of a waiting cluster's pods and Events (why it is not ready). Pods
+and Events do not wake a job (wake.py watches only the job and its Ray children), so a job
+waiting for its cluster also wakes at this interval; many jobs queued for GPUs cost the API
+server little."""
 
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
 
 
+WAKE_HANDLERS = ("job_changed", "raycluster_changed", "rayjob_changed")
+
+
+class _QuietWakeups(logging.Filter):
+    """Drop kopf's "Handler 'rayjob_changed' succeeded." lines: the wake-up handlers run on
+    every watch event of every job and child (thousands a minute on a busy cluster) and only
+    set a flag; their failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.endswith("succeeded.") and any(f"'{h}'" in message for h in WAKE_HANDLERS)
+        )
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Apply the operator's settings and connect its API client (kopf's startup handler)."""
     kube.configure()
+    quiet = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _QuietWakeups) for f in quiet.filters):
+        quiet.addFilter(_QuietWakeups())
     # kopf's own progress and diff-base live in annotations: our status schema is strict, and
     # the API server would prune a `status.kopf` it does not know.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from rlhf_operator import builders
+from rlhf_operator import builders, names
 from rlhf_operator.api import GROUP, RLHFJob
 from rlhf_operator.api.timestamps import format_time, parse_time
 from rlhf_operator.names import LABEL_JOB
@@ -118,25 +118,34 @@ def signature_material(job: RLHFJob) -> dict[str, Any]:
     The RayCluster spec the builders make for the job: what the pods run and mount, whoever
     wrote the field (spec.cluster incl. env, envFrom, pull Secrets and head scheduling, storage
     Secret and endpoint, every pvc:// claim the job reads or writes). Plus the namespace (no
-    reuse across tenants) and the explicit pool name.
+    reuse across tenants), the explicit pool name and the
+    Kueue queue.
     """
     cluster = builders.build_raycluster(job, _SIGNATURE_CLUSTER_NAME, owner={})
     return {
         "namespace": job.metadata.namespace or "",
         "pool": job.spec.warm_pool.pool,
+        # A pooled cluster keeps its Kueue admission (and the quota it holds) in its queue:
+        # only a job of the same LocalQueue may take it over.
+        "queue": job.spec.cluster.queue_name,
         "rayClusterSpec": spec_digest(cluster["spec"]),
     }
 
 
-def signature_of(namespace: str, pool: str | None, digest: str) -> str:
-    """The signature of a cluster of `namespace` and `pool` whose spec hashes to `digest`."""
-    return _hash({"namespace": namespace, "pool": pool or None, "rayClusterSpec": digest})
+def signature_of(namespace: str, pool: str | None, queue: str | None, digest: str) -> str:
+    """The signature of a cluster of `namespace`, `pool` and Kueue `queue` whose spec hashes to
+    `digest`."""
+    return _hash(
+        {"namespace": namespace, "pool": pool or None, "queue": queue, "rayClusterSpec": digest}
+    )
 
 
 def pool_signature(job: RLHFJob) -> str:
     """A stable short hash of `signature_material(job)` (canonical JSON, sha256)."""
     material = signature_material(job)
-    return signature_of(material["namespace"], material["pool"], material["rayClusterSpec"])
+    return signature_of(
+        material["namespace"], material["pool"], material["queue"], material["rayClusterSpec"]
+    )
 
 
 def stamp(manifest: dict[str, Any], job: RLHFJob) -> dict[str, Any]:
@@ -174,6 +183,7 @@ class PoolCluster:
     stamped_generation: int | None = None  # ... as stamped at creation
     pool_name: str | None = None
     spec_digest: str | None = None  # of the spec as stored
+    queue: str | None = None  # its Kueue LocalQueue label
 
     @property
     def intact(self) -> bool:
@@ -184,7 +194,8 @@ class PoolCluster:
             self.stamped_generation is not None
             and self.generation == self.stamped_generation
             and self.spec_digest is not None
-            and self.signature == signature_of(self.namespace, self.pool_name, self.spec_digest)
+            and self.signature
+            == signature_of(self.namespace, self.pool_name, self.queue, self.spec_digest)
         )
 
     def expired(self, now: datetime) -> bool:
@@ -239,6 +250,7 @@ def observe(body: Mapping[str, Any]) -> PoolCluster:
         stamped_generation=_int(annotations.get(ANNOTATION_GENERATION)),
         pool_name=annotations.get(ANNOTATION_POOL),
         spec_digest=spec_digest(spec) if isinstance(spec, Mapping) else None,
+        queue=labels.get(names.LABEL_KUEUE_QUEUE),
     )
 
 

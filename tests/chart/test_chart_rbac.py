@@ -20,6 +20,7 @@ import kopf
 import pytest
 import rlhf_operator.handlers  # noqa: F401  (registers the operator's handlers with kopf)
 from chart_helpers import RELEASE, REPO, Render, by_kind
+from chart_helpers import RELEASE_NAMESPACE as RELEASE_NS
 from kopf._cogs.structs.references import Resource, Selector
 from rlhf_operator import kube, names
 from rlhf_operator.api import GROUP, KIND, PLURAL, SINGULAR, VERSION
@@ -106,6 +107,23 @@ def test_operator_itself_needs_nothing_cluster_scoped() -> None:
     """A single-namespace install must work: only kopf's optional scanning is cluster-scoped."""
     own = {(call.group, call.resource) for call in kube.API_CALLS.values()}
     assert not own & set(CLUSTER_SCOPED)
+
+
+def test_leader_election_role_grants_exactly_the_lease_calls(render: Render) -> None:
+    """The Lease is in the release namespace whatever the operator serves: its own Role."""
+    for sets in ((), ("watchNamespace=team-a",)):
+        docs = render(*sets)
+        name = f"{RELEASE}-rlhf-operator-leader-election"
+        (role,) = [d for d in by_kind(docs, "Role") if d["metadata"]["name"] == name]
+        (binding,) = [d for d in by_kind(docs, "RoleBinding") if d["metadata"]["name"] == name]
+        assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == RELEASE_NS
+        expected = {(g, r, v) for (g, r), verbs in kube.lease_permissions().items() for v in verbs}
+        assert (
+            granted(role)
+            == expected
+            == {("coordination.k8s.io", "leases", verb) for verb in ("create", "get", "patch")}
+        )
+        assert binding["roleRef"]["name"] == name
 
 
 def test_no_secrets_no_wildcards(render: Render) -> None:

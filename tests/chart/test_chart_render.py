@@ -185,10 +185,39 @@ def test_operator_pod_meets_the_restricted_profile(render: Render, config: str) 
     assert not any(key.startswith("host") for key in pod)  # hostNetwork/PID/IPC
 
 
-def test_one_operator_replica_replaced_not_rolled(render: Render) -> None:
+def test_two_replicas_one_active_rolled_without_a_gap(render: Render) -> None:
+    """helm upgrade rolls: the new pod (a standby first) is up and ready before an old one
+    stops, so there is always a replica that holds the Lease or can take it over."""
     spec = one(render(), "Deployment")["spec"]
-    assert spec["replicas"] == 1
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    ctr = container(render())
+    args = parse_args(ctr["args"])
+    assert args.leader_election and args.lease_namespace == RELEASE_NAMESPACE
+    assert args.lease_duration == 10
+    pod_name = {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {"name": "POD_NAME", "valueFrom": pod_name} in ctr["env"]
+
+
+def test_an_upgrade_keeps_the_lease(render: Render) -> None:
+    """Old and new pods of an upgrade contend for the same Lease (named after the release, not
+    after anything an upgrade changes), so they never both act."""
+    before = parse_args(container(render())["args"])
+    after = parse_args(container(render("image.tag=9.9.9", "operator.logLevel=debug"))["args"])
+    assert (before.lease_name, before.lease_namespace) == (after.lease_name, after.lease_namespace)
+    assert before.lease_name == f"{RELEASE}-rlhf-operator"
+
+
+def test_without_leader_election_one_replica_replaced_not_rolled(render: Render) -> None:
+    docs = render("leaderElection.enabled=false", "replicaCount=3")
+    spec = one(docs, "Deployment")["spec"]
+    assert spec["replicas"] == 1  # two standalone operators would race
     assert spec["strategy"] == {"type": "Recreate"}
+    assert not parse_args(container(docs)["args"]).leader_election
+    assert not [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-election")]
 
 
 @pytest.mark.parametrize(
@@ -207,14 +236,15 @@ def test_operator_cli_accepts_the_chart_args(
     assert args.debug is False and args.verbose is False
 
 
-def test_probes_hit_kopfs_liveness_endpoint(render: Render) -> None:
+def test_probes_hit_the_health_endpoints(render: Render) -> None:
+    """Liveness /healthz (leader and standby alike), readiness /readyz (reached the API)."""
     ctr = container(render("operator.healthPort=8181"))
     args = parse_args(ctr["args"])
     ports = {port["name"]: port["containerPort"] for port in ctr["ports"]}
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert ports["health"] == 8181
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert ctr[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_log_level_becomes_kopf_flags(render: Render) -> None:
@@ -336,5 +366,7 @@ def test_tenancy_settings_reach_the_operator(render: Render) -> None:
     assert env["RLHF_MAX_POOLED_CLUSTERS"]["value"] == "4"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     source = inspect.getsource(tenancy)
-    for name in env:
+    tenancy_env = [n for n in env if n.startswith("RLHF_") or n == "POD_NAMESPACE"]
+    assert len(tenancy_env) == 4
+    for name in tenancy_env:
         assert f'"{name}"' in source, f"tenancy.py does not read {name}"

@@ -1,15 +1,16 @@
 """Fixtures for operator tests: the emulated API server, simulated KubeRay, the real operator.
 
 The pieces live in kube_sim.py (reusable by other tests and by bench/); here they are wired as
-pytest fixtures. The operator's timer ticks every 0.1 s here (RLHF_RECONCILE_INTERVAL, read when
-rlhf_operator.settings is first imported), so scenarios finish in seconds.
+pytest fixtures. The operator reacts to watch events; its only timer, the resync of running jobs
+(RLHF_RESYNC_INTERVAL), is 60 s here: longer than any scenario waits, so every scenario that
+finishes proves the event path.
 """
 
 from __future__ import annotations
 
 import os
 
-# The reconcile interval (0.1 s), the sweep interval and one kubeconfig path for the session are
+# The resync interval (60 s), the sweep interval and one kubeconfig path for the session are
 # set by tests/conftest.py, before anything imports the operator or the kubernetes client.
 KUBECONFIG = os.environ["KUBECONFIG"]
 

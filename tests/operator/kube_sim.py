@@ -582,6 +582,8 @@ class SimulatedKubeRay(TickingController):
             clusters.add((meta["namespace"], meta["name"]))
             if meta.get("deletionTimestamp"):
                 continue
+            if (cluster.get("spec") or {}).get("suspend"):
+                continue  # KubeRay makes no pods for a suspended cluster (e.g. Kueue holds it)
             if await self._reconcile_cluster(cluster):
                 ready.add((meta["namespace"], meta["name"]))
         for run in self.runs.values():  # a cluster deleted under its Ray jobs ends them

@@ -320,6 +320,21 @@ class ClusterSpec(ApiModel):
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="Ray head pod.")
     workers: WorkerSpec = Field(default_factory=WorkerSpec, description="Ray worker group.")
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Kueue LocalQueue (in the job's namespace) that admits the RayCluster as "
+        "one gang (label kueue.x-k8s.io/queue-name); the job shows Queued until Kueue admits "
+        "it. Empty: not queued.",
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="PriorityClass of the Ray pods: their scheduling priority, and the "
+        "priority Kueue gives the RayCluster's workload in its queue.",
+    )
     provision_timeout_seconds: int = Field(
         default=1800,
         ge=60,

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from rlhf_operator.api.common import ApiModel
 
-Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 StageState = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 

@@ -175,6 +175,9 @@ def observe_cluster(body: Mapping[str, Any]) -> ClusterObservation:
         pool=warmpool.observe(body),
         uid=meta.get("uid") or "",
         auth_mode=((body.get("spec") or {}).get("authOptions") or {}).get("mode"),
+        suspended=bool((body.get("spec") or {}).get("suspend"))
+        or status.get("state") == "suspended",
+        queue=(meta.get("labels") or {}).get(names.LABEL_KUEUE_QUEUE),
     )
 
 

@@ -4,7 +4,8 @@ Modelled on KubeRay's rayjob_controller.go: validate first (the caller does), th
 on `status.phase`; every branch returns the next status, the actions and the events. Nothing
 here talks to the API, so every transition is a unit test (tests/unit/test_reconcile.py).
 
-    Pending ──► Provisioning ──► Running ──► Succeeded
+    Pending ──► Provisioning ──► Running ──► Succeeded     (Queued ⇄ Provisioning: Kueue
+                                                            holds the cluster suspended)
                     ▲   (cluster     │  stage by stage: success -> next stage,
                     │    ready)      │  failure -> new attempt (up to backoffLimit)
                     │                ├──► Failed (retries exhausted, deadline, conflict)
@@ -121,6 +122,7 @@ def reconcile(
     {
         "Pending": _start,
         "Provisioning": _provision,
+        "Queued": _provision,
         "Running": _run,
         "Suspended": _suspended,
     }[d.status.phase](d, pinned_spec)
@@ -267,6 +269,7 @@ def _start(d: Draft, pinned_spec: str | None) -> None:
 def _provision(d: Draft, _: str | None) -> None:
     """Provisioning: wait for the cluster, then start (a new attempt of) the current stage."""
     if not _cluster_ready(d):
+        _queued(d)
         return
     name = d.status.cluster.name
     d.condition(names.COND_CLUSTER_READY, True, "ClusterReady", f"{name} is ready.")
@@ -287,6 +290,31 @@ def _provision(d: Draft, _: str | None) -> None:
 def _ensure_progress(d: Draft) -> None:
     """The RLHFJobProgress the trainer reports to (create-if-absent: 409 after the first)."""
     d.actions.append(CreateProgress(progress.build_progress(d.name, d.namespace, d.owner())))
+
+
+def _queued(d: Draft) -> None:
+    """Queued while Kueue holds our cluster suspended (its LocalQueue has no quota for the
+    whole gang yet); back to Provisioning once admitted. The provisioning deadline counts
+    from admission: waiting in a queue is not a cluster failing to come up."""
+    s, cluster = d.status, d.observed.cluster
+    if s.phase not in ("Provisioning", "Queued"):  # e.g. failed on the deadline just now
+        return
+    if cluster is not None and cluster.suspended and cluster.owned_by(d.name, d.uid):
+        queue = cluster.queue or d.job.spec.cluster.queue_name or "(none)"
+        message = (
+            f"Waiting for Kueue to admit RayCluster {cluster.name} in LocalQueue {queue}: it "
+            "stays suspended until the queue's ClusterQueue has quota for all its pods "
+            "(kubectl get workloads shows why)."
+        )
+        if s.phase != "Queued":
+            d.normal(names.JOB_QUEUED, message)
+        s.phase, s.message, s.progress = "Queued", message, f"queue {queue}"
+        s.cluster.waiting_since = None
+        d.condition(names.COND_CLUSTER_READY, False, names.JOB_QUEUED, message)
+    elif s.phase == "Queued":
+        s.phase, s.message = "Provisioning", "Admitted by Kueue; waiting for the Ray cluster."
+        s.progress = progress_column(s.stage or "", d.job.spec.enabled_stages(), None)
+        d.normal(names.JOB_ADMITTED, f"Kueue admitted RayCluster {s.cluster.name}.")
 
 
 def _start_attempt(d: Draft, stage: str, *, announce: bool = True) -> None:

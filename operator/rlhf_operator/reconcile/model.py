@@ -21,6 +21,8 @@ class ClusterObservation:
     owner_uids: tuple[str, ...] = ()
     message: str | None = None  # what KubeRay says is wrong (status.reason, failing conditions)
     pool: PoolCluster | None = None  # its warm-pool labels, version and strict health
+    suspended: bool = False  # spec.suspend: e.g. Kueue holds it until its queue admits it
+    queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
     uid: str = ""
     auth_mode: str | None = None  # spec.authOptions.mode as stored (None: pruned by old KubeRay)
     pod_problem: str | None = None  # what its pods and their Warning Events say (not ready)

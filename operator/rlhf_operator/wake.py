@@ -1,0 +1,192 @@
+"""Event-driven reconcile: who wakes a job's reconcile, and when it wakes by itself.
+
+Each RLHFJob has one reconcile loop (a kopf daemon, handlers.py) that sleeps on an
+`asyncio.Event` until something changes: the job itself, or one of its RayClusters / RayJobs
+(their watch events are mapped to the owner's uid through the ownerReference the operator puts
+on every child). The loop also wakes by itself at the next instant a decision depends on time
+alone (`next_due`: a deadline, the TTL of a finished job) and, while the job runs, at a slow
+resync that only covers a lost watch event. A finished job with no TTL never wakes by itself:
+at rest it costs nothing.
+
+Why a daemon and not a timer: kopf's timer runs on a fixed interval whatever happened (the
+latency floor was the interval: 5 s), and a timer cannot be woken. A daemon is one asyncio task
+per job that kopf starts on creation (and for every existing job at operator start: the
+"resume"), stops on deletion and never runs twice for one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rlhf_operator import settings
+from rlhf_operator.api import API_VERSION, KIND, RLHFJobStatus, is_terminal
+from rlhf_operator.api.spec import ClusterSpec
+from rlhf_operator.reconcile.conditions import parse_time
+
+logger = logging.getLogger(__name__)
+
+
+class Wakeups:
+    """One `asyncio.Event` per job uid whose reconcile loop runs (in this operator's loop)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def register(self, uid: str) -> asyncio.Event:
+        return self._events.setdefault(uid, asyncio.Event())
+
+    def forget(self, uid: str, event: asyncio.Event | None = None) -> None:
+        """Drop `uid`'s event (only if it is still `event`, when given: a newer loop's stays)."""
+        if event is None or self._events.get(uid) is event:
+            self._events.pop(uid, None)
+
+    def wake(self, uid: str | None) -> bool:
+        """Wake the loop of job `uid`; False when it has none (gone, or not started yet: a new
+        loop reconciles at once anyway)."""
+        event = self._events.get(uid or "")
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+def owner_uids(body: Mapping[str, Any]) -> list[str]:
+    """The RLHFJobs owning a child (RayCluster, RayJob), by their ownerReferences."""
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return [
+        ref["uid"]
+        for ref in refs
+        if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION and ref.get("uid")
+    ]
+
+
+def next_due(body: Mapping[str, Any], now: datetime) -> float | None:
+    """Seconds until a decision about this job changes with time alone (None: never).
+
+    The instants the state machine compares `now` with: runPolicy.activeDeadlineSeconds from
+    status.startTime (not while suspended), spec.cluster.provisionTimeoutSeconds from
+    status.cluster.waitingSince, and runPolicy.ttlSecondsAfterFinished from
+    status.completionTime. A spec that does not parse has no deadline (it is Failed, and
+    nothing acts on it until it is edited, which wakes the loop).
+    """
+    spec = body.get("spec") or {}
+    policy = spec.get("runPolicy") or {}
+    try:
+        status = RLHFJobStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        return None
+    due: list[datetime] = []
+
+    def add(since: str | None, seconds: Any) -> None:
+        start = parse_time(since)
+        if start is not None and isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            due.append(start + timedelta(seconds=seconds))
+
+    if is_terminal(status.phase):
+        add(status.completion_time, policy.get("ttlSecondsAfterFinished"))
+    else:
+        if status.phase != "Suspended":
+            add(status.start_time, policy.get("activeDeadlineSeconds"))
+        cluster = spec.get("cluster") or {}
+        timeout = cluster.get(
+            "provisionTimeoutSeconds",
+            ClusterSpec.model_fields["provision_timeout_seconds"].default,
+        )
+        add(status.cluster.waiting_since, timeout)
+        for stage in status.stages.values():  # a RayJob at our name that is not ours
+            add(stage.waiting_since, timeout)
+    if not due:
+        return None
+    return max(0.0, (min(due) - now).total_seconds())
+
+
+def sleep_for(body: Mapping[str, Any], now: datetime, resync: float) -> float | None:
+    """How long the loop sleeps unless woken: until the next due instant, and at most the
+    resync interval while the job is not finished (None: until woken)."""
+    due = next_due(body, now)
+    status = body.get("status") or {}
+    if is_terminal(status.get("phase")):
+        return due
+    if (status.get("cluster") or {}).get("waitingSince"):
+        # Waiting for its cluster: why (pods, Events) changes without waking the job.
+        due = settings.EXPLAIN_INTERVAL if due is None else min(due, settings.EXPLAIN_INTERVAL)
+    return resync if due is None else min(due, resync)
+
+
+async def reconcile_loop(
+    uid: str,
+    body: Mapping[str, Any],
+    wakeups: Wakeups,
+    reconcile: Callable[[], Any],
+    stopped: Any = None,
+    *,
+    resync: float,
+    error_backoff: float,
+    executor: Executor | None = None,
+) -> None:
+    """Run `reconcile` (blocking: in `executor`) now and whenever the job is woken or due.
+
+    `body` is kopf's live view of the job (kopf keeps it current); the loop ends when kopf
+    sets `stopped` (kopf.DaemonStopped: the job is being deleted, or the operator stops),
+    after the reconcile in flight, if any, finished. A reconcile that raises is retried
+    after `error_backoff` seconds, doubling up to `resync`; it never ends the loop (kopf would
+    not restart a daemon that failed for good).
+    """
+    event = wakeups.register(uid)
+    loop = asyncio.get_running_loop()
+    failures = 0
+    try:
+        while not stopped:
+            event.clear()  # a change seen during this reconcile wakes the next one
+            try:
+                # kopf's event poster is reached through context variables: carry them over.
+                context = contextvars.copy_context()
+                await _finish(loop.run_in_executor(executor, context.run, reconcile))
+            except Exception:
+                failures += 1
+                wait: float | None = min(resync, error_backoff * 2 ** (failures - 1))
+                logger.exception("reconcile of RLHFJob uid %s failed; retrying in %.1fs", uid, wait)
+            else:
+                failures = 0
+                wait = sleep_for(body, datetime.now(UTC), resync)
+            await _sleep(event, stopped, wait)
+    finally:
+        wakeups.forget(uid, event)
+
+
+async def _finish(future: asyncio.Future[Any]) -> None:
+    """Await a reconcile running in a thread; cancelled (the job is being deleted, or the
+    operator stops), still wait for it: a thread cannot be stopped, and the finalizer or the
+    next leader must not act while this one still writes."""
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+async def _sleep(event: asyncio.Event, stopped: Any, timeout: float | None) -> None:
+    """Until `event` is set, `stopped` is set, or `timeout` seconds passed (None: no limit)."""
+    waiters = [asyncio.ensure_future(event.wait())]
+    if stopped is not None:
+        waiters.append(asyncio.ensure_future(_flag(stopped)))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _flag(stopped: Any) -> None:
+    await stopped.wait()
