@@ -40,6 +40,7 @@ def tiny_manifest(tiny_dir: Path, storage: Path, **stage_overrides: dict[str, An
     stages["reward"]["dataset"]["uri"] = str(tiny_dir / "preferences.jsonl")
     stages["ppo"]["prompts"]["uri"] = str(tiny_dir / "prompts.jsonl")
     stages["evaluation"]["prompts"]["uri"] = str(tiny_dir / "eval_prompts.jsonl")
+    stages["evaluation"]["judge"]["lexicon"] = str(tiny_dir / "judge_lexicon.json")
     for stage, overrides in TEST_OVERRIDES.items():
         stages[stage].update(overrides)
     for stage, overrides in stage_overrides.items():

@@ -30,6 +30,7 @@ from rlhf_trainer.artifacts import (
     read_jsonl,
 )
 from rlhf_trainer.jobspec import UserError, is_remote
+from rlhf_trainer.scratch import job_scratch, run_stage_loop
 from rlhf_trainer.stages import STAGE_MODULES
 from rlhf_trainer.worker import (
     CONFIG_ATTEMPT,
@@ -193,7 +194,21 @@ def run_stage(
     attach: bool = False,
     verbose: bool = False,
 ) -> StageResult:
-    """Run one stage of `job` as a Ray Train TorchTrainer over the spec's workers."""
+    """Run one stage of `job` as a Ray Train TorchTrainer over the spec's workers (the driver's
+    and every worker's staged files in the job's scratch directory, removed at the end)."""
+    with job_scratch(job.metadata.name, stage):
+        return _run_stage(job, stage, attempt, resume_from, progress_file, attach, verbose)
+
+
+def _run_stage(
+    job: RLHFJob,
+    stage: str,
+    attempt: int,
+    resume_from: str | None,
+    progress_file: str | None,
+    attach: bool,
+    verbose: bool,
+) -> StageResult:
     started = time.perf_counter()
     artifact = Artifact(job.spec.storage.uri, job.metadata.name, stage)
     if stage == "reward" and job.spec.stages.reward.model:
@@ -225,7 +240,7 @@ def run_stage(
         CONFIG_SUBMITTED_AT: time.time(),
     }
     trainer = TorchTrainer(
-        module.train_loop,
+        run_stage_loop,  # the stage module's train_loop in the job's scratch directory
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=workers.replicas, use_gpu=use_gpu, resources_per_worker=resources

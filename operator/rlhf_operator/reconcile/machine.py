@@ -353,6 +353,10 @@ def _stage_succeeded(d: Draft, stage: str) -> None:
             win_rate=st.metrics.get("win_rate"),
             mean_reward_before=st.metrics.get("mean_reward_sft"),
             mean_reward_after=st.metrics.get("mean_reward_rlhf"),
+            judge_win_rate=st.metrics.get("judge_win_rate"),
+            judge=judge.display_name() if (judge := d.job.spec.stages.evaluation.judge) else None,
+            judge_mean_before=st.metrics.get("judge_mean_sft"),
+            judge_mean_after=st.metrics.get("judge_mean_rlhf"),
         )
     s.reward = reward_column(st.metrics) or s.reward
     enabled = d.job.spec.enabled_stages()
