@@ -16,7 +16,7 @@ TINY_MANIFEST = REPO / "examples" / "tiny-local.yaml"
 TEST_OVERRIDES: dict[str, dict[str, Any]] = {
     "sft": {"epochs": 1, "maxSteps": 40, "checkpointEverySteps": 15},
     "reward": {"epochs": 2, "maxSteps": 80, "checkpointEverySteps": 40},
-    "ppo": {"steps": 30, "rolloutBatchSize": 32, "checkpointEverySteps": 10},
+    "ppo": {"steps": 30, "rolloutBatchSize": 64, "checkpointEverySteps": 10},
     "evaluation": {"numPrompts": 32, "samplesPerPrompt": 2},
 }
 

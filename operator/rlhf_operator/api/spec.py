@@ -68,7 +68,11 @@ class StorageSpec(ApiModel):
 class DatasetSpec(ApiModel):
     """Common dataset location: a Hugging Face dataset id or a local JSON/JSONL/Parquet path."""
 
-    uri: str = Field(min_length=1, description="Dataset id (imdb) or path to JSON/JSONL/Parquet.")
+    uri: str = Field(
+        min_length=1,
+        description="Dataset id (imdb), a local or pvc:// path, or an fsspec URL "
+        "(s3://bucket/prompts.jsonl, a prefix of files) of JSON/JSONL/CSV/Parquet.",
+    )
     split: str = Field(default="train", description="Split to train on.")
     test_split: str | None = Field(
         default=None,
