@@ -270,3 +270,11 @@ def test_a_judge_model_scores_text_through_its_own_tokenizer(tiny_dir, tmp_path)
     assert value.shape == (1,) and torch.isfinite(value).all()
     with pytest.raises(UserError, match=r"^spec\.stages\.evaluation\.judge\.positiveLabel: "):
         load_model(JudgeSpec(model=str(classifier), positive_label="NEUTRAL"))
+
+
+def test_fewer_evaluation_prompts_than_workers_names_num_prompts(tiny_dir, tmp_path) -> None:
+    from rlhf_trainer.stages.evaluation import preflight
+
+    job = parse_job(tiny_manifest(tiny_dir, tmp_path, evaluation={"numPrompts": 1}))
+    with pytest.raises(UserError, match=r"^spec\.stages\.evaluation\.numPrompts \(1\) is below"):
+        preflight(job, check_upstream=False)

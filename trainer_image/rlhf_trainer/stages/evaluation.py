@@ -68,6 +68,11 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
             f"{FIELD}.prompts: {len(rows)} prompts for {job.spec.cluster.workers.replicas} "
             "workers; give at least one prompt per worker."
         )
+    if job.spec.stages.evaluation.num_prompts < job.spec.cluster.workers.replicas:
+        raise UserError(
+            f"{FIELD}.numPrompts ({job.spec.stages.evaluation.num_prompts}) is below the "
+            f"{job.spec.cluster.workers.replicas} workers; evaluate at least one prompt per worker."
+        )
     if check_upstream:
         check_model_path(*policy_source(job))
         check_model_path(stage_model_uri(job, "ppo"), "spec.stages.ppo (its model artifact)")
