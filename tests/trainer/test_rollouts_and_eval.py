@@ -278,3 +278,38 @@ def test_fewer_evaluation_prompts_than_workers_names_num_prompts(tiny_dir, tmp_p
     job = parse_job(tiny_manifest(tiny_dir, tmp_path, evaluation={"numPrompts": 1}))
     with pytest.raises(UserError, match=r"^spec\.stages\.evaluation\.numPrompts \(1\) is below"):
         preflight(job, check_upstream=False)
+
+
+def test_the_lexicon_judge_scores_sampled_sequences_as_the_true_count_of_their_responses(
+    tiny_dir,
+) -> None:
+    """What the evaluation feeds the judge (prompt + response decoded from the sampled ids) scores
+    what the response's words say: the openings carry no sentiment word."""
+    from rlhf_trainer.generation import decode
+    from rlhf_trainer.judge import LexiconJudge, read_lexicon
+    from rlhf_trainer.models import load_causal_lm
+    from rlhf_trainer.reward_model import decode_sequences
+    from tiny_jobs import load_make_tiny
+
+    make_tiny = load_make_tiny()
+    tokenizer = tokenizer_of(tiny_dir)
+    model = load_causal_lm(str(tiny_dir / "model"), "spec.model.base").eval()
+    prompts = [json.loads(line)["prompt"] for line in (tiny_dir / "eval_prompts.jsonl").open()]
+    torch.manual_seed(0)
+    samples = sample(
+        model,
+        tokenizer,
+        prompt_ids(tokenizer, prompts[:16], 16),
+        GenerationSpec(max_new_tokens=20),
+        synced_gpus=False,
+        device="cpu",
+    )
+    judge = LexiconJudge(read_lexicon(str(tiny_dir / "judge_lexicon.json")))
+    scores = judge.score_texts(
+        decode_sequences(tokenizer, samples.input_ids, samples.attention_mask)
+    )
+    for score, response in zip(scores, samples.responses, strict=True):
+        words = decode(tokenizer, response).split()
+        true = sum(w in make_tiny.POSITIVE_WORDS for w in words)
+        assert score == true - sum(w in make_tiny.NEGATIVE_WORDS for w in words)
+    assert any(scores)  # the untrained model's random words include sentiment words
