@@ -11,6 +11,10 @@ with no download:
                             more positive than negative clauses is chosen (graded sentiment)
       prompts.jsonl         review openings for PPO rollouts (films seen in training)
       eval_prompts.jsonl    held-out openings (films never seen in any training file)
+      judge_lexicon.json    the task's true score as a rule: +1 per positive adjective, -1 per
+                            negative one (each clause has exactly one), i.e. the net sentiment
+                            count the preferences were made from; the evaluation's independent
+                            judge (spec.stages.evaluation.judge.lexicon), never seen by training
       model/                a word-level tokenizer trained on the corpus (`tokenizers`) and a
                             randomly initialised 2-layer GPT-2 from a config (`save_pretrained`)
 
@@ -106,6 +110,15 @@ def preference(rng: random.Random, title: str) -> dict[str, str]:
     }
 
 
+def judge_lexicon() -> dict[str, int]:
+    """The true score's word weights: the net sentiment count of a text is the sum over its
+    words. No opening or title word carries a weight, so a prompt scores 0."""
+    lexicon = {word: 1 for word in POSITIVE_WORDS} | {word: -1 for word in NEGATIVE_WORDS}
+    neutral = {w for text in (*OPENERS, *TITLE_ADJECTIVES, *TITLE_NOUNS) for w in text.split()}
+    assert not neutral & set(lexicon), "an opening word would carry sentiment"
+    return lexicon
+
+
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -128,6 +141,7 @@ def make_corpus(out: Path, rng: random.Random, sizes: dict[str, int]) -> list[st
     write_jsonl(out / "preferences.jsonl", pairs)
     write_jsonl(out / "prompts.jsonl", prompts)
     write_jsonl(out / "eval_prompts.jsonl", eval_prompts)
+    (out / "judge_lexicon.json").write_text(json.dumps(judge_lexicon(), indent=1), "utf-8")
     rows = sft + pairs + prompts + eval_prompts
     return [text for row in rows for text in row.values()]
 

@@ -101,6 +101,11 @@ def _claims(job: RLHFJob) -> list[str]:
         spec.model.tokenizer,
         spec.stages.reward.model,
         *(
+            (spec.stages.evaluation.judge.model, spec.stages.evaluation.judge.lexicon)
+            if spec.stages.evaluation.judge
+            else ()
+        ),
+        *(
             dataset.uri
             for dataset in (
                 spec.stages.sft.dataset,

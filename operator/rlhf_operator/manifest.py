@@ -99,6 +99,9 @@ def local_path_problems(job: RLHFJob, cwd: str | os.PathLike[str] | None = None)
         inputs.append(("spec.stages.ppo.prompts.uri", stages.ppo.prompts.uri))
     if "evaluation" in enabled and stages.evaluation.prompts:
         inputs.append(("spec.stages.evaluation.prompts.uri", stages.evaluation.prompts.uri))
+    if "evaluation" in enabled and stages.evaluation.judge:
+        inputs.append(("spec.stages.evaluation.judge.model", stages.evaluation.judge.model))
+        inputs.append(("spec.stages.evaluation.judge.lexicon", stages.evaluation.judge.lexicon))
     problems = []
     for field, uri in inputs:
         if not uri or pvc_claim(uri) or not looks_local(uri, here):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from rlhf_trainer.local import LocalRun
+from tiny_jobs import load_make_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,17 @@ SUMMARY_KEYS = {
     "sft": {"eval_loss_before", "eval_loss_after", "seconds"},
     "reward": {"eval_accuracy", "seconds"},
     "ppo": {"reward_before", "reward_after", "kl", "seconds"},
-    "evaluation": {"win_rate", "mean_reward_sft", "mean_reward_rlhf", "prompts_improved_fraction"},
+    "evaluation": {
+        "win_rate",
+        "mean_reward_sft",
+        "mean_reward_rlhf",
+        "prompts_improved_fraction",
+        "judge",
+        "judge_win_rate",
+        "judge_mean_sft",
+        "judge_mean_rlhf",
+        "judge_prompts_improved_fraction",
+    },
 }
 # docs/CONTRACTS.md §5
 STAGE_METRICS = {
@@ -33,10 +44,20 @@ STAGE_METRICS = {
         "clip_fraction",
         "approx_kl",
         "entropy",
+        "eos_fraction",
         "kl_coef",
         "learning_rate",
     },
-    "evaluation": {"win_rate", "mean_reward_sft", "mean_reward_rlhf", "prompts_improved_fraction"},
+    "evaluation": {
+        "win_rate",
+        "mean_reward_sft",
+        "mean_reward_rlhf",
+        "prompts_improved_fraction",
+        "judge_win_rate",
+        "judge_mean_sft",
+        "judge_mean_rlhf",
+        "judge_prompts_improved_fraction",
+    },
 }
 
 
@@ -80,16 +101,49 @@ def test_ppo_raised_the_reward_and_reports_kl(run: LocalRun) -> None:
     assert len(run.results["ppo"].history) == run.results["ppo"].total_steps
 
 
-def test_evaluation_prefers_the_rlhf_policy(run: LocalRun) -> None:
+def test_evaluation_prefers_the_rlhf_policy_by_the_reward_model(run: LocalRun) -> None:
     evaluation = run.summary["stages"]["evaluation"]
-    assert evaluation["win_rate"] >= 0.7
-    assert evaluation["prompts_improved_fraction"] >= 0.8
+    assert evaluation["win_rate"] >= 0.8
+    assert evaluation["prompts_improved_fraction"] >= 0.9
     assert evaluation["mean_reward_rlhf"] > evaluation["mean_reward_sft"]
     with (stage_dir(run, "evaluation") / "examples.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 32 * 2  # numPrompts x samplesPerPrompt
     assert all(row["rlhf_response"] or row["sft_response"] for row in rows)
     assert "| prompt | SFT response |" in (stage_dir(run, "evaluation") / "examples.md").read_text()
+
+
+def test_the_judge_is_the_true_sentiment_count_and_reported_beside_the_reward_model(
+    run: LocalRun,
+) -> None:
+    evaluation = run.summary["stages"]["evaluation"]
+    assert evaluation["judge"] == "true sentiment count"
+    assert evaluation["judge_mean_rlhf"] > evaluation["judge_mean_sft"]
+    with (stage_dir(run, "evaluation") / "examples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    make_tiny = load_make_tiny()
+    for row in rows:  # the judge's score is the net count of sentiment words
+        for policy in ("sft", "rlhf"):
+            words = row[f"{policy}_response"].split()
+            true = sum(w in make_tiny.POSITIVE_WORDS for w in words)
+            true -= sum(w in make_tiny.NEGATIVE_WORDS for w in words)
+            assert float(row[f"{policy}_judge"]) == true
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="tiny target not met yet (measured: judge win rate 0.656, prompts improved 0.906, "
+    "while the reward model's win rate is 0.906): the PPO policy writes ~1.9 clauses where SFT "
+    "writes ~3.2 (eos_fraction 0.95) - the reward model scores a short all-positive response as "
+    "high as a long one and the per-token KL penalty makes short ones cheaper, so the true "
+    "net count gains less than the reward model says. The judge shows exactly this gap.",
+)
+def test_evaluation_prefers_the_rlhf_policy_by_the_true_score(run: LocalRun) -> None:
+    """The tiny target by the independent judge (the true sentiment count): a win by the
+    reward model alone would be reward hacking."""
+    evaluation = run.summary["stages"]["evaluation"]
+    assert evaluation["judge_win_rate"] >= 0.8
+    assert evaluation["judge_prompts_improved_fraction"] >= 0.9
 
 
 def test_every_stage_wrote_its_contract_artifacts(run: LocalRun) -> None:

@@ -16,7 +16,7 @@ TINY_MANIFEST = REPO / "examples" / "tiny-local.yaml"
 TEST_OVERRIDES: dict[str, dict[str, Any]] = {
     "sft": {"epochs": 1, "maxSteps": 40, "checkpointEverySteps": 15},
     "reward": {"epochs": 2, "maxSteps": 80, "checkpointEverySteps": 40},
-    "ppo": {"steps": 30, "rolloutBatchSize": 32, "checkpointEverySteps": 10},
+    "ppo": {"steps": 30, "rolloutBatchSize": 64, "checkpointEverySteps": 10},
     "evaluation": {"numPrompts": 32, "samplesPerPrompt": 2},
 }
 
@@ -40,6 +40,7 @@ def tiny_manifest(tiny_dir: Path, storage: Path, **stage_overrides: dict[str, An
     stages["reward"]["dataset"]["uri"] = str(tiny_dir / "preferences.jsonl")
     stages["ppo"]["prompts"]["uri"] = str(tiny_dir / "prompts.jsonl")
     stages["evaluation"]["prompts"]["uri"] = str(tiny_dir / "eval_prompts.jsonl")
+    stages["evaluation"]["judge"]["lexicon"] = str(tiny_dir / "judge_lexicon.json")
     for stage, overrides in TEST_OVERRIDES.items():
         stages[stage].update(overrides)
     for stage, overrides in stage_overrides.items():

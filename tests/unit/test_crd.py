@@ -112,6 +112,13 @@ CASES = {
     "micro-batch-ok": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 4}}},
     "micro-batch-bad": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 3}}},
     "rollout-not-multiple": {"stages": {"ppo": {"rolloutBatchSize": 9}}},
+    "judge-is-the-rm": {
+        "stages": {"reward": {"model": "rm"}, "evaluation": {"judge": {"model": "rm"}}}
+    },
+    "judge-other-model": {
+        "stages": {"reward": {"model": "rm"}, "evaluation": {"judge": {"model": "clf"}}}
+    },
+    "judge-lexicon": {"stages": {"evaluation": {"judge": {"lexicon": "words.json"}}}},
 }
 
 
@@ -124,6 +131,8 @@ VALID_CASES = {
     "offload-params-z3",
     "fp16-gpu",
     "micro-batch-ok",
+    "judge-other-model",
+    "judge-lexicon",
 }
 
 
@@ -209,3 +218,29 @@ def test_pass_through_cel_rules_and_python_agree(model: type, item: dict) -> Non
     except ValidationError:
         python_ok = False
     assert cel_ok == python_ok
+
+
+JUDGES = {
+    "model": ({"model": "clf", "positiveLabel": "POSITIVE"}, True),
+    "lexicon": ({"lexicon": "words.json"}, True),
+    "neither": ({}, False),
+    "both": ({"model": "clf", "lexicon": "words.json"}, False),
+    "label-without-model": ({"lexicon": "words.json", "positiveLabel": "POSITIVE"}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(JUDGES))
+def test_the_judges_cel_rules_and_python_rules_agree(case: str) -> None:
+    from rlhf_operator.api.spec import JUDGE_RULES, JudgeSpec
+
+    judge, valid = JUDGES[case]
+    env = celpy.Environment()
+    activation = {"self": celpy.json_to_cel(judge)}
+    cel = {m for c, _, m in JUDGE_RULES if not env.program(env.compile(c)).evaluate(activation)}
+    try:
+        JudgeSpec.model_validate(judge)
+        python: set[str] = set()
+    except ValidationError as error:
+        python = {m for _, _, m in JUDGE_RULES if m in str(error)}
+    assert python == cel
+    assert valid == (not python)

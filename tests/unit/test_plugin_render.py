@@ -99,7 +99,16 @@ def test_succeeded_job_shows_evaluation_and_full_bars() -> None:
         assert line.split()[1] == "Succeeded" and "100%" in line
     assert "win rate 68.8% (PPO policy over SFT)" in text
     assert "mean reward 0.214 (SFT) -> 0.731 (PPO)" in text
+    assert "judge" not in text.split("Evaluation:")[1].split("\n")[1]
     assert "Ran:" in text and "1h59m" in text
+
+
+def test_the_independent_judge_shows_beside_the_reward_models_win_rate() -> None:
+    job = succeeded_job()
+    job["status"]["evaluation"] |= {"judge": "sentiment classifier", "judgeWinRate": 0.312}
+    text = status_text(job)
+    assert "win rate 68.8% (PPO policy over SFT); by the independent judge (sentiment " in text
+    assert "classifier) 31.2%" in text
     assert row_of(text, "ppo").split()[3] == "39m20s"
 
 

@@ -305,6 +305,25 @@ def test_the_last_success_finishes_the_job_and_releases_the_cluster() -> None:
     assert "JobSucceeded" in reasons(d) and "ClusterDeleted" in reasons(d)
     assert d.status.evaluation.win_rate == 0.8
     assert d.status.reward == "win 0.80"
+    assert d.status.evaluation.judge is None and d.status.evaluation.judge_win_rate is None
+
+
+def test_the_judges_win_rate_lands_in_status_beside_the_reward_models() -> None:
+    judge = {"name": "true sentiment count", "lexicon": "s3://b/words.json"}
+    j, status = running("evaluation", stages={"evaluation": {"judge": judge}})
+    status.stages["evaluation"].metrics = {
+        "win_rate": 0.9,
+        "judge_win_rate": 0.35,
+        "judge_mean_sft": 0.5,
+        "judge_mean_rlhf": 0.25,
+    }
+    d = step(
+        j, status, Observed(ready_cluster(), rayjob("demo-evaluation-1", "SUCCEEDED", "Complete"))
+    )
+    evaluation = d.status.evaluation
+    assert (evaluation.win_rate, evaluation.judge_win_rate) == (0.9, 0.35)
+    assert evaluation.judge == "true sentiment count"
+    assert (evaluation.judge_mean_before, evaluation.judge_mean_after) == (0.5, 0.25)
 
 
 def test_a_failure_retries_with_a_new_attempt_resuming_from_checkpoints() -> None:

@@ -90,6 +90,8 @@ def test_a_local_manifest_is_checked_for_rlhf_run_and_refused_for_a_cluster(
                     stages["evaluation"]["prompts"]):  # fmt: skip
         (tmp_path / Path(dataset["uri"]).name).write_text('{"prompt": "x"}\n')
         dataset["uri"] = Path(dataset["uri"]).name
+    (tmp_path / "judge.json").write_text('{"good": 1}')
+    stages["evaluation"]["judge"]["lexicon"] = "judge.json"
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, manifest)
     assert rlhf(["validate", path]) == 0  # local storage: checked for `rlhf run`

@@ -81,6 +81,19 @@ SCHEMA_ERRORS = [
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",
     ),
+    ({"stages": {"ppo": {"missingEosPenalty": -1}}}, "spec.stages.ppo.missingEosPenalty"),
+    (
+        {"stages": {"ppo": {"prompts": {"uri": "p", "truncationSide": "middle"}}}},
+        "spec.stages.ppo.prompts.truncationSide",
+    ),
+    (
+        {"stages": {"evaluation": {"judge": {"model": "m", "positiveLabel": ""}}}},
+        "spec.stages.evaluation.judge.positiveLabel",
+    ),
+    (
+        {"stages": {"evaluation": {"judge": {"model": "m", "lexicn": "x"}}}},
+        "spec.stages.evaluation.judge.lexicn: unknown field",
+    ),
 ]
 
 
@@ -128,6 +141,27 @@ RULE_ERRORS = [
     (
         {"stages": {"reward": {"positiveLabel": "POSITIVE"}}},
         "spec.stages.reward.positiveLabel picks a label of a pretrained classifier",
+    ),
+    (
+        {"stages": {"evaluation": {"judge": {}}}},
+        "spec.stages.evaluation.judge: set exactly one of model",
+    ),
+    (
+        {"stages": {"evaluation": {"judge": {"model": "m", "lexicon": "l.json"}}}},
+        "spec.stages.evaluation.judge: set exactly one of model",
+    ),
+    (
+        {"stages": {"evaluation": {"judge": {"lexicon": "l.json", "positiveLabel": "POSITIVE"}}}},
+        "spec.stages.evaluation.judge.positiveLabel picks a label of the judge model",
+    ),
+    (
+        {
+            "stages": {
+                "reward": {"model": "lvwerra/distilbert-imdb"},
+                "evaluation": {"judge": {"model": "lvwerra/distilbert-imdb"}},
+            }
+        },
+        "spec.stages.evaluation.judge.model is the reward model PPO optimised",
     ),
 ]
 

@@ -9,8 +9,8 @@
     <artifact>/tensorboard/    TensorBoard event files
 
 Local paths and pvc:// mounts are read and written in place; for s3:// (and other object stores)
-files are staged in a local directory and copied with pyarrow's filesystems, the same layer Ray
-Train uses for its checkpoints.
+files are staged in the job's scratch directory (scratch.py: removed when the stage ends) and
+copied with pyarrow's filesystems, the same layer Ray Train uses for its checkpoints.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rlhf_operator.api.storage import artifact_uri, local_path
 
 from rlhf_trainer.jobspec import is_remote
+from rlhf_trainer.scratch import scratch_dir
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -59,7 +59,7 @@ class Artifact:
         if not self.remote:
             return Path(local_path(self.uri))
         if self._staging is None:
-            self._staging = Path(tempfile.mkdtemp(prefix="rlhf-artifact-"))
+            self._staging = scratch_dir("artifact")
         return self._staging
 
     def path(self, *parts: str) -> Path:
@@ -162,14 +162,15 @@ def subdirectories(uri: str) -> list[str]:
 @functools.cache
 def fetch_dir(uri: str) -> Path:
     """A local directory with the content of `uri` (the directory itself when it is local).
-    Remote directories are copied once per process (a tokenizer and two models often share one).
+    Remote directories are copied once per stage (a tokenizer and two models often share one)
+    into the job's scratch directory, removed when the stage ends.
     """
     if not is_remote(uri):
         return Path(local_path(uri))
     from pyarrow import fs
 
     filesystem, path = _pyarrow_fs(uri)
-    target = Path(tempfile.mkdtemp(prefix="rlhf-fetch-"))
+    target = scratch_dir("fetch")
     fs.copy_files(path, str(target), source_filesystem=filesystem)
     return target
 

@@ -117,6 +117,12 @@ def preference_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> list[list[int]]:
-    """Prompt token ids, keeping the last `max_prompt_len` tokens of long prompts."""
-    return [ids[-max_prompt_len:] for ids in encode(tokenizer, prompts)]
+def prompt_ids(
+    tokenizer, prompts: Sequence[str], max_prompt_len: int, truncation_side: str = "right"
+) -> list[list[int]]:
+    """Prompt token ids, at most `max_prompt_len` each: a long prompt loses its end ("right":
+    the opening is kept, as TRL's IMDB example continues a review's first words) or its start
+    ("left": the end is kept, e.g. the last turn of a conversation)."""
+    if truncation_side == "left":
+        return [ids[-max_prompt_len:] for ids in encode(tokenizer, prompts)]
+    return [ids[:max_prompt_len] for ids in encode(tokenizer, prompts)]

@@ -101,6 +101,10 @@ def with_absolute_paths(job: RLHFJob, base: str | os.PathLike[str] | None = None
     if not has_scheme(spec.storage.uri):
         spec.storage.uri = _absolute(spec.storage.uri, root, always=True)
     spec.stages.reward.model = _absolute(spec.stages.reward.model, root)
+    judge = spec.stages.evaluation.judge
+    if judge is not None:
+        judge.model = _absolute(judge.model, root)
+        judge.lexicon = _absolute(judge.lexicon, root)
     for dataset in (
         spec.stages.sft.dataset,
         spec.stages.reward.dataset,

@@ -32,6 +32,7 @@ from rlhf_trainer.artifacts import (
 )
 from rlhf_trainer.jit_ops import use_environment_extensions_dir
 from rlhf_trainer.jobspec import UserError, is_remote, spec_digest
+from rlhf_trainer.scratch import job_scratch, run_stage_loop
 from rlhf_trainer.stages import STAGE_MODULES
 from rlhf_trainer.worker import (
     CONFIG_ATTEMPT,
@@ -201,7 +202,21 @@ def run_stage(
     attach: bool = False,
     verbose: bool = False,
 ) -> StageResult:
-    """Run one stage of `job` as a Ray Train TorchTrainer over the spec's workers."""
+    """Run one stage of `job` as a Ray Train TorchTrainer over the spec's workers (the driver's
+    and every worker's staged files in the job's scratch directory, removed at the end)."""
+    with job_scratch(job.metadata.name, stage):
+        return _run_stage(job, stage, attempt, resume_from, progress_file, attach, verbose)
+
+
+def _run_stage(
+    job: RLHFJob,
+    stage: str,
+    attempt: int,
+    resume_from: str | None,
+    progress_file: str | None,
+    attach: bool,
+    verbose: bool,
+) -> StageResult:
     started = time.perf_counter()
     artifact = Artifact(job.spec.storage.uri, job.metadata.name, stage)
     if stage == "reward" and job.spec.stages.reward.model:
@@ -230,7 +245,7 @@ def run_stage(
         CONFIG_SUBMITTED_AT: time.time(),
     }
     trainer = TorchTrainer(
-        module.train_loop,
+        run_stage_loop,  # the stage module's train_loop in the job's scratch directory
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=workers.replicas, use_gpu=use_gpu, resources_per_worker=resources

@@ -192,7 +192,13 @@ def run_local(
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
-    summary = build_summary(job.metadata.name, time.perf_counter() - started, results)
+    judge = job.spec.stages.evaluation.judge
+    summary = build_summary(
+        job.metadata.name,
+        time.perf_counter() - started,
+        results,
+        judge.display_name() if judge is not None and "evaluation" in results else None,
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     timings = timings_report(ray_seconds, results)

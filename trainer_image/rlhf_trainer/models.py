@@ -34,6 +34,21 @@ def reward_source(job: RLHFJob) -> tuple[str, str]:
     return stage_model_uri(job, "reward"), "spec.stages.reward (its model artifact)"
 
 
+def model_revision(job: RLHFJob, uri: str) -> str | None:
+    """spec.model.revision where spec.model.base itself is loaded (in any stage: SFT, a reward
+    model or PPO policy started from the base when SFT is off); a stage's saved model has none."""
+    return job.spec.model.revision if uri == job.spec.model.base else None
+
+
+def tokenizer_source(job: RLHFJob, uri: str, field: str) -> tuple[str, str, str | None]:
+    """(uri, field, revision) of the tokenizer that goes with the model at `uri`:
+    spec.model.tokenizer for the base model when set (its own revision, none), else the model's
+    own (a stage's artifact saves the tokenizer it was trained with)."""
+    if uri == job.spec.model.base and job.spec.model.tokenizer:
+        return job.spec.model.tokenizer, "spec.model.tokenizer", None
+    return uri, field, model_revision(job, uri)
+
+
 def stage_model_uri(job: RLHFJob, stage: str) -> str:
     return Artifact(job.spec.storage.uri, job.metadata.name, stage).uri_of(MODEL_DIR)
 
@@ -70,6 +85,10 @@ def load_tokenizer(uri: str, field: str, revision: str | None = None):
         raise UserError(f"{field}: the tokenizer of {uri} has no EOS token; set one and re-save.")
     if tokenizer.pad_token_id is None:  # GPT-2 has none; padding is masked out everywhere
         tokenizer.pad_token = tokenizer.eos_token
+    # Decoder-only generation needs prompts padded on the left (the next token follows the last
+    # prompt token). generation.py pads itself whatever the tokenizer says; this makes any
+    # tokenizer-driven batching (`tokenizer(..., padding=True)`) agree with it.
+    tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -103,14 +122,16 @@ def load_causal_lm(uri: str, field: str, revision: str | None = None):
         raise _loading(field, uri, exc) from exc
 
 
-def load_scalar_model(uri: str, field: str, pad_token_id: int) -> ScalarHeadModel:
+def load_scalar_model(
+    uri: str, field: str, pad_token_id: int, revision: str | None = None
+) -> ScalarHeadModel:
     """A one-output sequence-classification model (a fresh head on a causal-LM backbone, or a
     saved reward model's own head)."""
     from transformers import AutoModelForSequenceClassification
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            locate(uri, field), num_labels=1, dtype=torch.float32
+            locate(uri, field), revision=revision, num_labels=1, dtype=torch.float32
         )
     except (OSError, ValueError) as exc:
         raise _loading(field, uri, exc) from exc

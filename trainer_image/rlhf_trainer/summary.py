@@ -27,10 +27,22 @@ def _last(history: list[dict[str, float]], metric: str) -> float | None:
     return next((row[metric] for row in reversed(history) if metric in row), None)
 
 
+JUDGE_METRICS = (
+    "judge_win_rate",
+    "judge_mean_sft",
+    "judge_mean_rlhf",
+    "judge_prompts_improved_fraction",
+)
+
+
 def build_summary(
-    job_name: str, wall_seconds: float, results: Mapping[str, StageResult]
+    job_name: str,
+    wall_seconds: float,
+    results: Mapping[str, StageResult],
+    judge: str | None = None,
 ) -> dict[str, Any]:
-    """The issue's summary.json: the figures that show each stage learned."""
+    """The issue's summary.json: the figures that show each stage learned. With a `judge`
+    (spec.stages.evaluation.judge's name), its figures sit beside the reward model's."""
     stages: dict[str, Any] = {}
     if "sft" in results:
         sft = results["sft"]
@@ -64,6 +76,9 @@ def build_summary(
                 "prompts_improved_fraction",
             )
         }
+        if judge is not None:
+            stages["evaluation"]["judge"] = judge
+            stages["evaluation"] |= {name: metrics.get(name) for name in JUDGE_METRICS}
     return {"job": job_name, "wall_seconds": round(wall_seconds, 2), "stages": stages}
 
 
@@ -107,6 +122,13 @@ def stage_line(result: StageResult) -> str:
             f"win rate {_fmt(m.get('win_rate'))}, prompts improved "
             f"{_fmt(m.get('prompts_improved_fraction'))}, mean reward SFT "
             f"{_fmt(m.get('mean_reward_sft'))} → RLHF {_fmt(m.get('mean_reward_rlhf'))}"
+            + (
+                f"; by the judge: win rate {_fmt(m.get('judge_win_rate'))}, prompts improved "
+                f"{_fmt(m.get('judge_prompts_improved_fraction'))}, mean SFT "
+                f"{_fmt(m.get('judge_mean_sft'))} → RLHF {_fmt(m.get('judge_mean_rlhf'))}"
+                if "judge_win_rate" in m
+                else ""
+            )
         ),
     }[result.stage]()
     if result.skipped:  # finished by an earlier run: its figures, read back from the artifact

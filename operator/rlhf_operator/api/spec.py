@@ -76,7 +76,11 @@ class StorageSpec(ApiModel):
 class DatasetSpec(ApiModel):
     """Common dataset location: a Hugging Face dataset id or a local JSON/JSONL/Parquet path."""
 
-    uri: str = Field(min_length=1, description="Dataset id (imdb) or path to JSON/JSONL/Parquet.")
+    uri: str = Field(
+        min_length=1,
+        description="Dataset id (imdb), a local or pvc:// path, or an fsspec URL "
+        "(s3://bucket/prompts.jsonl, a prefix of files) of JSON/JSONL/CSV/Parquet.",
+    )
     split: str = Field(default="train", description="Split to train on.")
     test_split: str | None = Field(
         default=None,
@@ -108,6 +112,12 @@ class PromptDataset(DatasetSpec):
     """Prompts to generate from (PPO rollouts, evaluation)."""
 
     prompt_field: str = Field(default="prompt", description="Column holding the prompt.")
+    truncation_side: Literal["left", "right"] = Field(
+        default="right",
+        description="Which end of a prompt longer than `maxPromptLen` tokens is cut: right keeps "
+        "its opening (a review's first words, as TRL's IMDB example), left keeps its end "
+        "(the last turn of a long conversation).",
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -207,7 +217,18 @@ class PPOStage(ApiModel):
     value_loss_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
     gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
-    max_prompt_len: int = Field(default=256, ge=1, description="Prompt tokens kept (left-cut).")
+    max_prompt_len: int = Field(
+        default=256,
+        ge=1,
+        description="Prompt tokens kept; the prompts' `truncationSide` says which end is cut.",
+    )
+    missing_eos_penalty: float | None = Field(
+        default=None,
+        ge=0,
+        description="Subtracted from the reward-model score of a rollout that ends without EOS "
+        "(cut at `generation.maxNewTokens`), as TRL's `missing_eos_penalty`: the reward model "
+        "was trained on complete responses. Empty: no penalty.",
+    )
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Sampling for rollouts."
     )
@@ -216,19 +237,100 @@ class PPOStage(ApiModel):
     )
 
 
+JUDGE_RULES: tuple[tuple[str, Callable[[JudgeSpec], bool], str], ...] = (
+    (
+        "has(self.model) != has(self.lexicon)",
+        lambda j: (j.model is None) != (j.lexicon is None),
+        "spec.stages.evaluation.judge: set exactly one of model (a classifier or reward model) "
+        "and lexicon (a word-weight file).",
+    ),
+    (
+        "!has(self.positiveLabel) || has(self.model)",
+        lambda j: j.positive_label is None or j.model is not None,
+        "spec.stages.evaluation.judge.positiveLabel picks a label of the judge model; set "
+        "judge.model or remove positiveLabel.",
+    ),
+)
+"""The judge's own rules: CEL on its schema for the API server, predicates for pydantic."""
+
+
+class JudgeSpec(ApiModel):
+    """A second scorer of the evaluation, independent of the reward model PPO optimised: a win
+    by the reward model alone may be reward hacking; a win by the judge too is not."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": cel, "message": message} for cel, _, message in JUDGE_RULES
+            ]
+        }
+    }
+
+    name: str | None = Field(
+        default=None,
+        max_length=128,
+        description="What the judge is, in the reports (e.g. 'true sentiment count'); defaults "
+        "to its model or lexicon path.",
+    )
+    model: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="A sequence classifier or reward model (id or path) other than the one PPO "
+        "optimised, e.g. a sentiment classifier for IMDB; scores `prompt + response` with its "
+        "own tokenizer.",
+    )
+    positive_label: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Label of the judge `model` whose logit is the score (same rule as "
+        "spec.stages.reward.positiveLabel).",
+    )
+    lexicon: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="A JSON file {word: weight}: the score of a text is the sum of the weights "
+        "of its whitespace-separated words (a rule-based judge, for tasks with a known true "
+        "score such as the tiny example's sentiment count).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> JudgeSpec:
+        broken = [message for _, check, message in JUDGE_RULES if not check(self)]
+        if broken:
+            raise ValueError(" ".join(broken))
+        return self
+
+    def display_name(self) -> str:
+        """What the reports (summary, status, examples) call the judge."""
+        if self.name:
+            return self.name
+        return f"lexicon {self.lexicon}" if self.lexicon else f"model {self.model}"
+
+
 class EvaluationStage(ApiModel):
-    """Compare the SFT and the PPO policy on held-out prompts, scored by the reward model."""
+    """Compare the SFT and the PPO policy on held-out prompts, scored by the reward model (and
+    by an independent judge when one is set)."""
 
     enabled: bool = Field(default=True, description="Run this stage.")
     prompts: PromptDataset | None = Field(
         default=None, description="Held-out prompts; defaults to the held-out part of PPO prompts."
     )
-    num_prompts: int = Field(default=64, ge=1, description="Prompts evaluated.")
+    num_prompts: int = Field(
+        default=64,
+        ge=1,
+        description="Prompts evaluated: a seeded random sample (spec.seed) of the held-out rows.",
+    )
     samples_per_prompt: int = Field(
         default=4, ge=1, le=64, description="Responses sampled per prompt and policy."
     )
     generation: GenerationSpec | None = Field(
         default=None, description="Sampling settings; defaults to PPO's."
+    )
+    judge: JudgeSpec | None = Field(
+        default=None,
+        description="An independent judge scoring both policies beside the reward model; its "
+        "win rate shows whether PPO's gains are real or reward hacking.",
     )
 
 
@@ -498,6 +600,19 @@ RULES: tuple[Rule, ...] = (
         message="spec.stages.evaluation compares the PPO policy with the SFT policy: enable "
         "spec.stages.ppo or set spec.stages.evaluation.enabled: false.",
         field_path=".stages.evaluation.enabled",
+    ),
+    Rule(
+        cel="!has(self.stages.evaluation.judge) || !has(self.stages.evaluation.judge.model)"
+        " || !has(self.stages.reward.model)"
+        " || self.stages.evaluation.judge.model != self.stages.reward.model",
+        check=lambda s: (
+            s.stages.evaluation.judge is None
+            or s.stages.evaluation.judge.model is None
+            or s.stages.evaluation.judge.model != s.stages.reward.model
+        ),
+        message="spec.stages.evaluation.judge.model is the reward model PPO optimised "
+        "(spec.stages.reward.model); an independent judge must be another model.",
+        field_path=".stages.evaluation.judge.model",
     ),
     Rule(
         cel="self.parallelism.offload != 'parameters' || self.parallelism.zeroStage == 3",

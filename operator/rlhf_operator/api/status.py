@@ -134,9 +134,19 @@ class ClusterStatus(ApiModel):
 class EvaluationSummary(ApiModel):
     """Headline result of the evaluation stage."""
 
-    win_rate: float | None = Field(default=None, description="RLHF beats SFT, fraction of prompts.")
+    win_rate: float | None = Field(
+        default=None, description="RLHF beats SFT by the reward model, fraction of comparisons."
+    )
     mean_reward_before: float | None = Field(default=None, description="Mean reward, SFT policy.")
     mean_reward_after: float | None = Field(default=None, description="Mean reward, PPO policy.")
+    judge_win_rate: float | None = Field(
+        default=None,
+        description="RLHF beats SFT by the independent judge (spec.stages.evaluation.judge); "
+        "far below winRate means the policy learned to please the reward model, not the task.",
+    )
+    judge: str | None = Field(default=None, description="The judge (spec.stages.evaluation.judge).")
+    judge_mean_before: float | None = Field(default=None, description="Mean judge score, SFT.")
+    judge_mean_after: float | None = Field(default=None, description="Mean judge score, PPO.")
 
 
 class RLHFJobStatus(ApiModel):

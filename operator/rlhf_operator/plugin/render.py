@@ -201,6 +201,9 @@ def _evaluation(s: Obj) -> str:
     parts = []
     if ev.get("winRate") is not None:
         parts.append(f"win rate {ev['winRate'] * 100:.1f}% (PPO policy over SFT)")
+    if ev.get("judgeWinRate") is not None:
+        judge = f" ({ev['judge']})" if ev.get("judge") else ""
+        parts.append(f"by the independent judge{judge} {ev['judgeWinRate'] * 100:.1f}%")
     if ev.get("meanRewardBefore") is not None and ev.get("meanRewardAfter") is not None:
         before, after = number(ev["meanRewardBefore"]), number(ev["meanRewardAfter"])
         parts.append(f"mean reward {before} (SFT) -> {after} (PPO)")

@@ -202,7 +202,9 @@ def decide(
         _pooled_in(pool, meta.get("namespace")),
     )
     report = _first(reports or {}, meta.get("namespace"), job.metadata.name)
-    reported = progress.mirror(status, report, meta.get("uid"), job.spec.enabled_stages())
+    reported = progress.mirror(
+        status, report, meta.get("uid"), job.spec.enabled_stages(), progress.judge_name(job)
+    )
     decision = machine.reconcile(
         job, reported, observed, now, generation=generation, spec_changed=changed, pinned_spec=pin
     )

@@ -451,7 +451,7 @@ def _stage_succeeded(d: Draft, stage: str) -> None:
     d.condition(names.stage_condition(stage), True, "StageSucceeded", f"Stage {stage} succeeded.")
     d.normal(names.STAGE_SUCCEEDED, f"Stage {stage} succeeded (attempt {st.attempts}).")
     if stage == "evaluation" and st.metrics:
-        s.evaluation = progress.evaluation_summary(st.metrics)
+        s.evaluation = progress.evaluation_summary(st.metrics, progress.judge_name(d.job))
     s.reward = reward_column(st.metrics) or s.reward
     enabled = d.job.spec.enabled_stages()
     later = enabled[enabled.index(stage) + 1 :]

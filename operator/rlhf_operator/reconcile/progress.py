@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rlhf_operator.api import API_VERSION, RLHFJobStatus
+from rlhf_operator.api import API_VERSION, RLHFJob, RLHFJobStatus
 from rlhf_operator.api.columns import progress_column, reward_column
 from rlhf_operator.api.progress import PROGRESS_KIND, ProgressStatus, StageProgress
 from rlhf_operator.api.status import EvaluationSummary
@@ -56,14 +56,27 @@ def build_progress(name: str, namespace: str | None, owner: dict[str, Any]) -> d
     }
 
 
-def evaluation_summary(metrics: Mapping[str, float]) -> EvaluationSummary | None:
-    """The headline result, from the evaluation stage's metrics (None when it has none)."""
+def judge_name(job: RLHFJob) -> str | None:
+    """The independent judge's name as status shows it (None: the job names no judge)."""
+    judge = job.spec.stages.evaluation.judge
+    return judge.display_name() if judge else None
+
+
+def evaluation_summary(
+    metrics: Mapping[str, float], judge: str | None = None
+) -> EvaluationSummary | None:
+    """The headline result, from the evaluation stage's metrics (None when it has none):
+    the reward model's verdict beside the independent `judge`'s, so reward hacking shows."""
     if not metrics:
         return None
     return EvaluationSummary(
         win_rate=metrics.get("win_rate"),
         mean_reward_before=metrics.get("mean_reward_sft"),
         mean_reward_after=metrics.get("mean_reward_rlhf"),
+        judge_win_rate=metrics.get("judge_win_rate"),
+        judge=judge,
+        judge_mean_before=metrics.get("judge_mean_sft"),
+        judge_mean_after=metrics.get("judge_mean_rlhf"),
     )
 
 
@@ -72,6 +85,7 @@ def mirror(
     observed: ProgressObservation | None,
     uid: str | None,
     enabled_stages: Sequence[str],
+    judge: str | None = None,
 ) -> RLHFJobStatus:
     """`status` with the trainer's progress, metrics and curves copied in (a new object).
 
@@ -90,7 +104,7 @@ def mirror(
         stage.metrics = dict(report.metrics)
         stage.history = list(report.history)
         if name == "evaluation" and report.metrics:
-            new.evaluation = evaluation_summary(report.metrics)
+            new.evaluation = evaluation_summary(report.metrics, judge)
     current = observed.stages.get(new.stage or "")
     if new.phase == "Running" and current is not None and new.stage in new.stages:
         if new.stages[new.stage].state in ("Running", "Retrying"):

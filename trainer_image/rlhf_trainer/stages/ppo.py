@@ -16,8 +16,10 @@ fresh scalar head.
 Writes the PPO policy to `<artifact>/model/`. Metrics: reward_mean (reward-model score of the
 iteration's rollouts), kl (per-sequence KL, summed over response tokens), policy_loss,
 value_loss, clip_fraction, approx_kl (k2 KL between the rollout policy and the updated one,
-mean over minibatches), entropy (of the tempered policy on response tokens), kl_coef,
-learning_rate. Log-probs are scored with the sampling temperature (models.token_logprobs).
+mean over minibatches), entropy (of the tempered policy on response tokens), eos_fraction
+(responses that ended with EOS; `missingEosPenalty` is subtracted from the others' scores before
+the KL and GAE, reward_mean stays the reward model's own score), kl_coef, learning_rate.
+Log-probs are scored with the sampling temperature (models.token_logprobs).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ PROMPTS_FIELD = f"{FIELD}.prompts"
 def prompt_split(job: RLHFJob) -> Split:
     """PPO trains on the prompts' train part; the held-out part is evaluation's default."""
     prompts = job.spec.stages.ppo.prompts
-    return load_split(prompts, PROMPTS_FIELD, {"promptField": prompts.prompt_field}, job.spec.seed)
+    columns = {"promptField": prompts.prompt_field}
+    return load_split(prompts, PROMPTS_FIELD, columns, job.spec.seed, job.spec.storage)
 
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
@@ -75,6 +78,24 @@ def token_rewards(
     return rewards.scatter_add(1, last.unsqueeze(1), scores.to(kl.dtype).unsqueeze(1))
 
 
+def ended_with_eos(samples: Samples, eos_id: int | None) -> torch.Tensor:
+    """[B] True where the response ends with EOS (generation.py cuts a response after its first
+    EOS, so EOS is its last token or absent)."""
+    ended = [bool(r) and r[-1] == eos_id for r in samples.responses]
+    return torch.tensor(ended, dtype=torch.bool, device=samples.input_ids.device)
+
+
+def eos_penalised(
+    scores: torch.Tensor, samples: Samples, eos_id: int | None, penalty: float | None
+) -> torch.Tensor:
+    """`scores` less `penalty` for every response that never emitted EOS (cut at maxNewTokens),
+    as TRL's `missing_eos_penalty`: the reward model was trained on complete responses and reads
+    a cut one at a token it never scored in training. None: no penalty (TRL's default)."""
+    if penalty is None or eos_id is None:
+        return scores
+    return scores - penalty * (~ended_with_eos(samples, eos_id)).to(scores.dtype)
+
+
 @dataclass
 class Rollout:
     """One worker's scored rollouts (everything PPO's update needs), `[B, T-1]` per token."""
@@ -90,6 +111,8 @@ class Rollout:
     """[B] KL(policy || reference) of each sequence, summed over its response tokens."""
     entropy: float
     """Mean entropy of the policy's (tempered) next-token distribution on response tokens."""
+    eos_fraction: float = float("nan")
+    """Fraction of responses that ended with EOS (the rest were cut at maxNewTokens)."""
 
 
 @torch.no_grad()
@@ -99,7 +122,9 @@ def score(
     reward: RewardScorer,
     ppo: PPOStage,
     kl_coef: float,
+    eos_id: int | None = None,
 ) -> Rollout:
+    """Score a batch of samples. `eos_id`: the policy's EOS, for `missingEosPenalty`."""
     from rlhf_trainer.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten
     from rlhf_trainer.models import token_entropy, token_logprobs
 
@@ -114,7 +139,8 @@ def score(
         engines["reference"](input_ids=ids, attention_mask=attention).logits, ids, temperature
     )
     values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
-    scores = reward(ids, attention)
+    raw_scores = reward(ids, attention)
+    scores = eos_penalised(raw_scores, samples, eos_id, ppo.missing_eos_penalty)
     kl = kl_penalty(logprobs, reference, "k1")
     rewards = token_rewards(scores, kl, actions, kl_coef)
     advantages, returns = gae(rewards, values, actions, ppo.gamma, ppo.lam)
@@ -124,8 +150,9 @@ def score(
         values=values,
         advantages=masked_whiten(advantages, actions),
         returns=returns,
-        scores=scores,
+        scores=raw_scores,
         kl=masked_sum(kl, actions, dim=1),
+        eos_fraction=ended_with_eos(samples, eos_id).float().mean().item(),
         entropy=entropy.item(),
     )
 
@@ -193,6 +220,8 @@ def load_models(worker: Any, mini_batch: int) -> Models:
         load_causal_lm,
         load_scalar_model,
         load_tokenizer,
+        model_revision,
+        tokenizer_source,
     )
     from rlhf_trainer.reward_model import (
         load_reward_head,
@@ -206,17 +235,20 @@ def load_models(worker: Any, mini_batch: int) -> Models:
     policy_uri, policy_field = policy_source(worker.job)
     reward_uri, reward_field = reward_source(worker.job)
 
+    def revision(uri: str) -> str | None:  # spec.model.revision where the base is loaded
+        return model_revision(worker.job, uri)
+
     def plan(uri: str, field: str, learning_rate: float | None = None):
         return ds.plan_engine(
             spec.parallelism,
             use_gpu=worker.use_gpu,
             world_size=worker.world_size,
-            hidden_size=hidden_size(uri, field),
+            hidden_size=hidden_size(uri, field, revision(uri)),
             micro_batch=mini_batch,
             learning_rate=learning_rate,  # None: frozen
         )
 
-    tokenizer = load_tokenizer(policy_uri, policy_field)
+    tokenizer = load_tokenizer(*tokenizer_source(worker.job, policy_uri, policy_field))
     reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
     plans = {"reward": plan(reward_uri, reward_field)}
     reward = plans["reward"].build(
@@ -234,11 +266,17 @@ def load_models(worker: Any, mini_batch: int) -> Models:
     plans["policy"] = plan(policy_uri, policy_field, ppo.learning_rate)
     plans["reference"] = plan(policy_uri, policy_field)
     modules = {
-        "policy": plans["policy"].build(lambda: load_causal_lm(policy_uri, policy_field)),
-        "value": plans["value"].build(
-            lambda: load_scalar_model(value_uri, value_field, tokenizer.pad_token_id)
+        "policy": plans["policy"].build(
+            lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
         ),
-        "reference": plans["reference"].build(lambda: load_causal_lm(policy_uri, policy_field)),
+        "value": plans["value"].build(
+            lambda: load_scalar_model(
+                value_uri, value_field, tokenizer.pad_token_id, revision(value_uri)
+            )
+        ),
+        "reference": plans["reference"].build(
+            lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
+        ),
         "reward": reward,
     }
     disable_dropout(modules["policy"])
@@ -296,17 +334,28 @@ def train_loop(config: dict[str, Any]) -> None:
                 samples = sample(
                     engines["policy"].module,
                     tokenizer,
-                    prompt_ids(tokenizer, texts, ppo.max_prompt_len),
+                    prompt_ids(tokenizer, texts, ppo.max_prompt_len, ppo.prompts.truncation_side),
                     ppo.generation,
                     synced_gpus=synced,
                     device=device,
                 )
-                rollout = score(samples, engines, scorer, ppo, kl_control.value)
+                rollout = score(
+                    samples, engines, scorer, ppo, kl_control.value, tokenizer.eos_token_id
+                )
             with worker.timed("update"):
                 policy_loss, value_loss, clip_fraction, approx_kl = update(
                     rollout, engines, ppo, mini_batch
                 )
-            reward_mean, kl, policy_loss, value_loss, clip_fraction, approx_kl, entropy = all_mean(
+            (
+                reward_mean,
+                kl,
+                policy_loss,
+                value_loss,
+                clip_fraction,
+                approx_kl,
+                entropy,
+                eos_fraction,
+            ) = all_mean(
                 [
                     rollout.scores.mean().item(),
                     rollout.kl.mean().item(),
@@ -315,6 +364,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     clip_fraction,
                     approx_kl,
                     rollout.entropy,
+                    rollout.eos_fraction,
                 ]
             )
             metrics = {
@@ -325,6 +375,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "clip_fraction": clip_fraction,
                 "approx_kl": approx_kl,
                 "entropy": entropy,
+                "eos_fraction": eos_fraction,
                 "kl_coef": kl_control.value,
                 "learning_rate": engines["policy"].get_lr()[0],
             }

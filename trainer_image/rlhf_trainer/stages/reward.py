@@ -29,7 +29,7 @@ def _dataset(job: RLHFJob) -> Split:
         "chosenField": dataset.chosen_field,
         "rejectedField": dataset.rejected_field,
     }
-    return load_split(dataset, DATASET_FIELD, columns, job.spec.seed)
+    return load_split(dataset, DATASET_FIELD, columns, job.spec.seed, job.spec.storage)
 
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
@@ -53,7 +53,14 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, preference_batch
     from rlhf_trainer.losses import pairwise_loss
-    from rlhf_trainer.models import hidden_size, last_token, load_scalar_model, load_tokenizer
+    from rlhf_trainer.models import (
+        hidden_size,
+        last_token,
+        load_scalar_model,
+        load_tokenizer,
+        model_revision,
+        tokenizer_source,
+    )
     from rlhf_trainer.schedule import plan
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
@@ -64,14 +71,15 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("data"):
         split = _dataset(worker.job)
     backbone, field = policy_source(worker.job)
+    revision = model_revision(worker.job, backbone)
     schedule = plan(stage, len(split.train), worker.world_size, FIELD)
     with worker.timed("model_load"):
-        tokenizer = load_tokenizer(backbone, field)
+        tokenizer = load_tokenizer(*tokenizer_source(worker.job, backbone, field))
         engine_plan = ds.plan_engine(
             spec.parallelism,
             use_gpu=worker.use_gpu,
             world_size=worker.world_size,
-            hidden_size=hidden_size(backbone, field),
+            hidden_size=hidden_size(backbone, field, revision),
             micro_batch=schedule.micro_batch,
             grad_accum=schedule.grad_accum,
             learning_rate=stage.learning_rate,
@@ -80,7 +88,7 @@ def train_loop(config: dict[str, Any]) -> None:
             warmup_steps=schedule.warmup_steps,
         )
         model = engine_plan.build(
-            lambda: load_scalar_model(backbone, field, tokenizer.pad_token_id)
+            lambda: load_scalar_model(backbone, field, tokenizer.pad_token_id, revision)
         )
     with worker.timed("deepspeed_init"):
         engine = engine_plan.initialize(model)

@@ -23,7 +23,7 @@ DATASET_FIELD = f"{FIELD}.dataset"
 def _dataset(job: RLHFJob) -> Split:
     dataset = job.spec.stages.sft.dataset
     columns = {"promptField": dataset.prompt_field, "responseField": dataset.response_field}
-    return load_split(dataset, DATASET_FIELD, columns, job.spec.seed)
+    return load_split(dataset, DATASET_FIELD, columns, job.spec.seed, job.spec.storage)
 
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
@@ -44,7 +44,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, sft_batch
     from rlhf_trainer.losses import masked_lm_loss
-    from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer
+    from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer, tokenizer_source
     from rlhf_trainer.schedule import plan
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
@@ -57,7 +57,7 @@ def train_loop(config: dict[str, Any]) -> None:
     schedule = plan(stage, len(split.train), worker.world_size, FIELD)
     base, revision = spec.model.base, spec.model.revision
     with worker.timed("model_load"):
-        tokenizer = load_tokenizer(spec.model.tokenizer or base, "spec.model.base", revision)
+        tokenizer = load_tokenizer(*tokenizer_source(worker.job, base, "spec.model.base"))
         engine_plan = ds.plan_engine(
             spec.parallelism,
             use_gpu=worker.use_gpu,
