@@ -87,7 +87,7 @@ celpy = pytest.importorskip("celpy", reason="cel-python (dev extra) evaluates th
 CASES = {
     "valid": {},
     "all-disabled": {
-        "stages": {s: {"enabled": False} for s in ("sft", "reward", "ppo", "evaluation")}
+        "stages": {s: {"enabled": False} for s in ("sft", "reward", "ppo", "dpo", "evaluation")}
     },
     "sft-no-dataset": {"stages": {"sft": {"dataset": None}}},
     "sft-off-no-dataset": {"stages": {"sft": {"enabled": False, "dataset": None}}},
@@ -111,6 +111,72 @@ CASES = {
     "micro-batch-ok": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 4}}},
     "micro-batch-bad": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 3}}},
     "rollout-not-multiple": {"stages": {"ppo": {"rolloutBatchSize": 9}}},
+    "grpo-group": {"stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4}}},
+    "grpo-kl-in-reward": {
+        "stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4, "klIn": "reward"}}
+    },
+    "grpo-no-group": {"stages": {"ppo": {"algorithm": "grpo"}}},
+    "rloo-group-of-one": {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 1}}},
+    "rloo-kl-in-loss": {
+        "stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 2, "klIn": "loss"}}
+    },
+    "grpo-discounted": {
+        "stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 2, "gamma": 0.9}}
+    },
+    "reinforce-pp": {"stages": {"ppo": {"algorithm": "reinforce_pp", "gamma": 0.99}}},
+    "reinforce-pp-value-clip": {
+        "stages": {"ppo": {"algorithm": "reinforce_pp", "valueClipRange": 0.2}}
+    },
+    "rloo-lam": {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 2, "lam": 0.9}}},
+    "ppo-critic-settings": {"stages": {"ppo": {"valueLossCoef": 0.5, "lam": 0.9}}},
+    "dpo-path": {
+        "stages": {
+            "reward": {"enabled": False, "model": "rm"},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"prompts": {"uri": "eval"}},
+        }
+    },
+    "dpo-with-ppo": {"stages": {"dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8}}},
+    "dpo-disabled-with-ppo": {"stages": {"dpo": {"enabled": False}}},
+    "dpo-training-reward": {
+        "stages": {
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"enabled": False},
+        }
+    },
+    "dpo-no-dataset": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"batchSize": 8},
+            "evaluation": {"enabled": False},
+        }
+    },
+    "dpo-eval-without-judge": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"prompts": {"uri": "eval"}},
+        }
+    },
+    "dpo-eval-without-prompts": {
+        "stages": {
+            "reward": {"enabled": False, "model": "rm"},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+        }
+    },
+    "dpo-batch-not-multiple": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 7},
+            "evaluation": {"enabled": False},
+        }
+    },
 }
 
 
@@ -123,6 +189,12 @@ VALID_CASES = {
     "offload-params-z3",
     "fp16-gpu",
     "micro-batch-ok",
+    "grpo-group",
+    "grpo-kl-in-reward",
+    "reinforce-pp",
+    "ppo-critic-settings",
+    "dpo-path",
+    "dpo-disabled-with-ppo",
 }
 
 
