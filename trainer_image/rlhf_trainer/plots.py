@@ -13,6 +13,8 @@ PANELS = (
     ("ppo", ("entropy", "approx_kl"), "PPO: policy entropy, approx-KL per update"),
     ("sft", ("loss", "eval_loss"), "SFT: loss (response tokens)"),
     ("reward", ("loss", "accuracy", "eval_accuracy"), "Reward model: loss, pairwise accuracy"),
+    ("dpo", ("loss", "eval_loss"), "DPO: loss on preference pairs"),
+    ("dpo", ("reward_accuracy", "eval_reward_accuracy"), "DPO: pairs ranked by implicit reward"),
 )
 
 

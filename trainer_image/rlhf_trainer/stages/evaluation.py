@@ -1,5 +1,5 @@
-"""Evaluation: the SFT policy against the PPO policy on held-out prompts, scored by the reward
-model.
+"""Evaluation: the SFT policy against the tuned policy (the RL stage's, or DPO's) on held-out
+prompts, scored by the reward model.
 
 For each prompt, `samplesPerPrompt` responses are sampled from each policy and scored. Sample j
 of the PPO policy is compared with sample j of the SFT policy: a win is a strictly higher reward
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_trainer.data import load_eval_rows
 from rlhf_trainer.jobspec import UserError
-from rlhf_trainer.models import check_model_path, policy_source, reward_source, stage_model_uri
+from rlhf_trainer.models import check_model_path, policy_source, reward_source, tuned_source
 from rlhf_trainer.reward_model import check_positive_label
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
         )
     if check_upstream:
         check_model_path(*policy_source(job))
-        check_model_path(stage_model_uri(job, "ppo"), "spec.stages.ppo (its model artifact)")
+        check_model_path(*tuned_source(job))
     reward_uri, reward_field = reward_source(job)
     if check_upstream or reward_field.endswith(".model"):
         check_model_path(reward_uri, reward_field)
@@ -147,10 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
         policy_source(worker.job),
         reward_source(worker.job),
     )
-    rlhf_uri, rlhf_field = (
-        stage_model_uri(worker.job, "ppo"),
-        "spec.stages.ppo (its model artifact)",
-    )
+    rlhf_uri, rlhf_field = tuned_source(worker.job)
     loaders = {
         "sft": (sft_uri, sft_field, lambda: load_causal_lm(sft_uri, sft_field)),
         "rlhf": (rlhf_uri, rlhf_field, lambda: load_causal_lm(rlhf_uri, rlhf_field)),
