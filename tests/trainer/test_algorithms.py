@@ -2,7 +2,8 @@
 the tiny task from the session's SFT and reward models (tiny_run): each meets the tiny targets
 (evaluation win rate >= 0.8, prompts improved >= 0.9, KL finite), critic-free runs hold no
 value model anywhere, and each resumes from its own checkpoints to where the uninterrupted run
-ended. Test-sized: 32 rollouts per iteration (8 prompts x 4 for the group algorithms)."""
+ended. Test-sized: 32 rollouts per iteration for REINFORCE++, 64 (16 prompts x 4) for the
+group algorithms."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ WIN_RATE, IMPROVED = 0.8, 0.9
 STEPS, EVERY = 30, 10
 CRITIC_FIELDS = ("valueLearningRate", "valueClipRange", "valueLossCoef", "lam")
 ALGORITHMS: dict[str, dict[str, Any]] = {
-    "grpo": {"algorithm": "grpo", "samplesPerPrompt": 4, "rolloutBatchSize": 8},
-    "rloo": {"algorithm": "rloo", "samplesPerPrompt": 4, "rolloutBatchSize": 8},
+    # 16 prompts x 4: at 8 x 4 GRPO reached win rate 0.81 but prompts improved 0.875 (< 0.9)
+    "grpo": {"algorithm": "grpo", "samplesPerPrompt": 4, "rolloutBatchSize": 16},
+    "rloo": {"algorithm": "rloo", "samplesPerPrompt": 4, "rolloutBatchSize": 16},
     "reinforce_pp": {"algorithm": "reinforce_pp", "rolloutBatchSize": 32},
 }
 DPO = {"epochs": 2, "batchSize": 32, "learningRate": 1.0e-3, "maxSeqLen": 64}
@@ -72,21 +74,26 @@ def assert_meets_the_tiny_targets(evaluation: dict[str, float], kl: float) -> No
 
 @pytest.fixture(scope="module")
 def runs(tiny_run: LocalRun, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Each algorithm's RL stage and evaluation, once per module (the resume tests reuse them)."""
+    """An algorithm's RL stage and evaluation, run once per module on first use (the resume
+    test reuses it; `-k grpo` runs only GRPO's)."""
     done = {}
-    for algorithm in ALGORITHMS:
-        storage = tmp_path_factory.mktemp(algorithm)
-        copy_upstream(tiny_run, storage)
-        job = rl_job(tiny_dir, storage, algorithm)
-        done[algorithm] = (storage, run_stage(job, "ppo"), run_stage(job, "evaluation"))
-    return done
+
+    def run(algorithm: str):
+        if algorithm not in done:
+            storage = tmp_path_factory.mktemp(algorithm)
+            copy_upstream(tiny_run, storage)
+            job = rl_job(tiny_dir, storage, algorithm)
+            done[algorithm] = (storage, run_stage(job, "ppo"), run_stage(job, "evaluation"))
+        return done[algorithm]
+
+    return run
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_critic_free_algorithm_meets_the_tiny_targets_without_a_value_model(
     runs, algorithm: str
 ) -> None:
-    storage, rl, evaluation = runs[algorithm]
+    storage, rl, evaluation = runs(algorithm)
     assert_meets_the_tiny_targets(evaluation.metrics, rl.metrics["kl"])
     rewards = [row["reward_mean"] for row in rl.history]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
@@ -100,7 +107,7 @@ def test_critic_free_algorithm_meets_the_tiny_targets_without_a_value_model(
 def test_critic_free_algorithm_resumes_from_its_checkpoints(
     runs, algorithm: str, tiny_run: LocalRun, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    storage, fresh, _ = runs[algorithm]
+    storage, fresh, _ = runs(algorithm)
     copy_upstream(tiny_run, tmp_path)
     source = storage / "tiny-reviews" / "ppo" / "checkpoints"
     shutil.copytree(source, tmp_path / "tiny-reviews" / "ppo" / "checkpoints")
