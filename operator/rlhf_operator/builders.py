@@ -110,6 +110,7 @@ def _claims(job: RLHFJob) -> list[str]:
             for dataset in (
                 spec.stages.sft.dataset,
                 spec.stages.reward.dataset,
+                spec.stages.dpo.dataset if spec.stages.dpo else None,
                 spec.stages.ppo.prompts,
                 spec.stages.evaluation.prompts,
             )

@@ -95,6 +95,8 @@ def local_path_problems(job: RLHFJob, cwd: str | os.PathLike[str] | None = None)
         inputs.append(("spec.stages.reward.dataset.uri", stages.reward.dataset.uri))
     if stages.reward.model:
         inputs.append(("spec.stages.reward.model", stages.reward.model))
+    if "dpo" in enabled and stages.dpo.dataset:
+        inputs.append(("spec.stages.dpo.dataset.uri", stages.dpo.dataset.uri))
     if "ppo" in enabled and stages.ppo.prompts:
         inputs.append(("spec.stages.ppo.prompts.uri", stages.ppo.prompts.uri))
     if "evaluation" in enabled and stages.evaluation.prompts:

@@ -88,7 +88,7 @@ celpy = pytest.importorskip("celpy", reason="cel-python (dev extra) evaluates th
 CASES = {
     "valid": {},
     "all-disabled": {
-        "stages": {s: {"enabled": False} for s in ("sft", "reward", "ppo", "evaluation")}
+        "stages": {s: {"enabled": False} for s in ("sft", "reward", "ppo", "dpo", "evaluation")}
     },
     "sft-no-dataset": {"stages": {"sft": {"dataset": None}}},
     "sft-off-no-dataset": {"stages": {"sft": {"enabled": False, "dataset": None}}},
@@ -119,6 +119,72 @@ CASES = {
         "stages": {"reward": {"model": "rm"}, "evaluation": {"judge": {"model": "clf"}}}
     },
     "judge-lexicon": {"stages": {"evaluation": {"judge": {"lexicon": "words.json"}}}},
+    "grpo-group": {"stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4}}},
+    "grpo-kl-in-reward": {
+        "stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4, "klIn": "reward"}}
+    },
+    "grpo-no-group": {"stages": {"ppo": {"algorithm": "grpo"}}},
+    "rloo-group-of-one": {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 1}}},
+    "rloo-kl-in-loss": {
+        "stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 2, "klIn": "loss"}}
+    },
+    "grpo-discounted": {
+        "stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 2, "gamma": 0.9}}
+    },
+    "reinforce-pp": {"stages": {"ppo": {"algorithm": "reinforce_pp", "gamma": 0.99}}},
+    "reinforce-pp-value-clip": {
+        "stages": {"ppo": {"algorithm": "reinforce_pp", "valueClipRange": 0.2}}
+    },
+    "rloo-lam": {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 2, "lam": 0.9}}},
+    "ppo-critic-settings": {"stages": {"ppo": {"valueLossCoef": 0.5, "lam": 0.9}}},
+    "dpo-path": {
+        "stages": {
+            "reward": {"enabled": False, "model": "rm"},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"prompts": {"uri": "eval"}},
+        }
+    },
+    "dpo-with-ppo": {"stages": {"dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8}}},
+    "dpo-disabled-with-ppo": {"stages": {"dpo": {"enabled": False}}},
+    "dpo-training-reward": {
+        "stages": {
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"enabled": False},
+        }
+    },
+    "dpo-no-dataset": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"batchSize": 8},
+            "evaluation": {"enabled": False},
+        }
+    },
+    "dpo-eval-without-judge": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            "evaluation": {"prompts": {"uri": "eval"}},
+        }
+    },
+    "dpo-eval-without-prompts": {
+        "stages": {
+            "reward": {"enabled": False, "model": "rm"},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+        }
+    },
+    "dpo-batch-not-multiple": {
+        "stages": {
+            "reward": {"enabled": False},
+            "ppo": {"enabled": False},
+            "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 7},
+            "evaluation": {"enabled": False},
+        }
+    },
 }
 
 
@@ -133,6 +199,12 @@ VALID_CASES = {
     "micro-batch-ok",
     "judge-other-model",
     "judge-lexicon",
+    "grpo-group",
+    "grpo-kl-in-reward",
+    "reinforce-pp",
+    "ppo-critic-settings",
+    "dpo-path",
+    "dpo-disabled-with-ppo",
 }
 
 

@@ -124,6 +124,33 @@ def test_disabled_stages_are_skipped() -> None:
     assert d.status.stages["evaluation"].state == "Skipped"
 
 
+DPO_PATH = {
+    "reward": {"enabled": False, "model": "judge"},
+    "ppo": {"enabled": False},
+    "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+    "evaluation": {"prompts": {"uri": "held-out"}},
+}
+
+
+def test_the_dpo_path_runs_sft_then_dpo_then_evaluation() -> None:
+    j = job(stages=DPO_PATH)
+    status = step(j, RLHFJobStatus(), pinned_spec="{}").status
+    assert {s: st.state for s, st in status.stages.items()} == {
+        "sft": "Pending",
+        "reward": "Skipped",
+        "ppo": "Skipped",
+        "dpo": "Pending",
+        "evaluation": "Pending",
+    }
+    j, status = running("sft", stages=DPO_PATH)
+    d = step(j, status, Observed(ready_cluster(), rayjob("demo-sft-1", "SUCCEEDED", "Complete")))
+    assert d.status.stage == "dpo" and d.status.stages["dpo"].ray_job == "demo-dpo-1"
+    assert d.status.progress == "dpo 2/3"
+    entrypoint = d.actions[0].manifest["spec"]["entrypoint"]
+    assert "rlhf_trainer stage dpo" in entrypoint
+    assert d.status.stages["dpo"].artifact == "s3://bucket/rlhf/demo/dpo"
+
+
 def test_a_cluster_that_is_not_ready_is_a_wait() -> None:
     j = job()
     status = step(j, RLHFJobStatus()).status

@@ -77,6 +77,11 @@ SCHEMA_ERRORS = [
         "spec.cluster.head.tolerations[0].operator",
     ),
     ({"cluster": {"head": {"nodeSelector": {"a": 1}}}}, "spec.cluster.head.nodeSelector.a"),
+    ({"stages": {"ppo": {"algorithm": "a2c"}}}, "spec.stages.ppo.algorithm"),
+    ({"stages": {"ppo": {"samplesPerPrompt": 0}}}, "spec.stages.ppo.samplesPerPrompt"),
+    ({"stages": {"ppo": {"klIn": "both"}}}, "spec.stages.ppo.klIn"),
+    ({"stages": {"dpo": {"lossType": "hinge"}}}, "spec.stages.dpo.lossType"),
+    ({"stages": {"dpo": {"beta": 0}}}, "spec.stages.dpo.beta"),
     (
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",
@@ -132,7 +137,58 @@ RULE_ERRORS = [
     ),
     (
         {"stages": {"ppo": {"enabled": False}}},
-        "spec.stages.evaluation compares the PPO policy",
+        "spec.stages.evaluation compares the PPO (or DPO) policy",
+    ),
+    (
+        {"stages": {"ppo": {"algorithm": "grpo"}}},
+        "spec.stages.ppo.samplesPerPrompt must be 2 or more for algorithm grpo or rloo",
+    ),
+    (
+        {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 4, "klIn": "loss"}}},
+        "spec.stages.ppo.klIn: loss is GRPO's KL term",
+    ),
+    (
+        {"stages": {"ppo": {"algorithm": "rloo", "samplesPerPrompt": 4, "gamma": 0.9}}},
+        "spec.stages.ppo.gamma: grpo and rloo score whole responses",
+    ),
+    *(
+        (
+            {"stages": {"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4, field: 0.5}}},
+            f"spec.stages.ppo.{field} configures the value model, which only algorithm ppo has",
+        )
+        for field in ("valueLearningRate", "valueClipRange", "valueLossCoef", "lam")
+    ),
+    (
+        {"stages": {"dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8}}},
+        "spec.stages.dpo replaces PPO: set spec.stages.ppo.enabled: false",
+    ),
+    (
+        {"stages": {"ppo": {"enabled": False}, "dpo": {"dataset": {"uri": "p"}, "batchSize": 8}}},
+        "spec.stages.dpo trains on preference pairs directly, without a reward model",
+    ),
+    (
+        {"stages": {"reward": {"enabled": False}, "ppo": {"enabled": False}, "dpo": {}}},
+        "spec.stages.dpo.dataset is required",
+    ),
+    (
+        {
+            "stages": {
+                "reward": {"enabled": False},
+                "ppo": {"enabled": False},
+                "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            }
+        },
+        "spec.stages.evaluation scores with a reward model, and spec.stages.dpo trains none",
+    ),
+    (
+        {
+            "stages": {
+                "reward": {"model": "rm"},
+                "ppo": {"enabled": False},
+                "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8},
+            }
+        },
+        "spec.stages.evaluation.prompts is required with spec.stages.dpo",
     ),
     ({"parallelism": {"offload": "parameters"}}, "requires spec.parallelism.zeroStage: 3"),
     ({"parallelism": {"precision": "fp16"}}, "spec.parallelism.precision: fp16 needs GPUs"),
@@ -280,3 +336,36 @@ def test_every_problem_is_reported_at_once() -> None:
         cluster={"workers": {"resources": {"requests": {"memory": "lots"}}}},
     )
     assert len(found) >= 3
+
+
+def test_the_dpo_path_and_critic_free_algorithms_are_valid() -> None:
+    job, found = validate(
+        sample_job(
+            "demo",
+            stages={
+                "reward": {"enabled": False, "model": "judge"},
+                "ppo": {"enabled": False},
+                "dpo": {"dataset": {"uri": "prefs"}, "batchSize": 8, "lossType": "ipo"},
+                "evaluation": {"prompts": {"uri": "held-out"}},
+            },
+        )
+    )
+    assert found == []
+    assert job.spec.enabled_stages() == ["sft", "dpo", "evaluation"]
+    assert job.spec.stages.dpo.beta == 0.1  # TRL's default
+    for algorithm in ("grpo", "rloo", "reinforce_pp"):
+        job, found = validate(
+            sample_job("demo", stages={"ppo": {"algorithm": algorithm, "samplesPerPrompt": 4}})
+        )
+        assert found == [] and not job.spec.stages.ppo.has_critic
+    assert job.spec.stages.ppo.kl_placement == "reward"
+    grpo = validate(
+        sample_job("demo", stages={"ppo": {"algorithm": "grpo", "samplesPerPrompt": 4}})
+    )
+    assert grpo[0].spec.stages.ppo.kl_placement == "loss"  # GRPO's default: a k3 loss term
+
+
+def test_without_dpo_the_stage_list_is_unchanged() -> None:
+    job, _ = validate(sample_job("demo"))
+    assert job.spec.stages.dpo is None
+    assert job.spec.enabled_stages() == ["sft", "reward", "ppo", "evaluation"]

@@ -388,7 +388,8 @@ def dpo_loss(
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimisation over ``[B]`` sequence log-probabilities (summed over the
-    response tokens), with ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
+    response tokens for sigmoid; for ipo TRL averages them over the response tokens, and
+    stages/dpo.py does too), with ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
 
         sigmoid (Rafailov et al. 2023):  loss = mean(-log sigmoid(beta * h))
         ipo     (Azar et al. 2023):      loss = mean((h - 1 / (2 * beta))**2)

@@ -49,6 +49,13 @@ def tokenizer_source(job: RLHFJob, uri: str, field: str) -> tuple[str, str, str 
     return uri, field, model_revision(job, uri)
 
 
+def tuned_source(job: RLHFJob) -> tuple[str, str]:
+    """(uri, spec field) of the policy evaluation compares with SFT's: DPO's when DPO runs,
+    else the RL stage's."""
+    stage = "dpo" if job.spec.stages.enabled("dpo") else "ppo"
+    return stage_model_uri(job, stage), f"spec.stages.{stage} (its model artifact)"
+
+
 def stage_model_uri(job: RLHFJob, stage: str) -> str:
     return Artifact(job.spec.storage.uri, job.metadata.name, stage).uri_of(MODEL_DIR)
 

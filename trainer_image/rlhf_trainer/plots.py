@@ -49,6 +49,10 @@ PANELS = (
         ("accuracy", "eval_accuracy"),
         "center right",
     ),
+    Panel("dpo", "DPO: loss on preference pairs", ("loss", "eval_loss")),
+    Panel(
+        "dpo", "DPO: pairs ranked by implicit reward", ("reward_accuracy", "eval_reward_accuracy")
+    ),
 )
 
 

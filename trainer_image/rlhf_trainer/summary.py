@@ -65,6 +65,15 @@ def build_summary(
             "kl": ppo.metrics.get("kl"),
             "seconds": round(ppo.seconds, 2),
         }
+    if "dpo" in results:
+        dpo = results["dpo"]
+        stages["dpo"] = {
+            "eval_loss_before": _first(dpo.history, "eval_loss"),
+            "eval_loss_after": dpo.metrics.get("eval_loss"),
+            "eval_reward_accuracy": dpo.metrics.get("eval_reward_accuracy"),
+            "kl": dpo.metrics.get("kl"),
+            "seconds": round(dpo.seconds, 2),
+        }
     if "evaluation" in results:
         metrics = results["evaluation"].metrics
         stages["evaluation"] = {
@@ -117,6 +126,10 @@ def stage_line(result: StageResult) -> str:
         "ppo": lambda: (
             f"reward {_fmt(_first(h, 'reward_mean'))} → "
             f"{_fmt(_last(h, 'reward_mean'))}, KL {_fmt(m.get('kl'))}"
+        ),
+        "dpo": lambda: (
+            f"held-out loss {_fmt(_first(h, 'eval_loss'))} → {_fmt(m.get('eval_loss'))}, "
+            f"pairs ranked {_fmt(m.get('eval_reward_accuracy'))}, KL {_fmt(m.get('kl'))}"
         ),
         "evaluation": lambda: (
             f"win rate {_fmt(m.get('win_rate'))}, prompts improved "

@@ -186,10 +186,49 @@ class GenerationSpec(ApiModel):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling; 1 disables it.")
 
 
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp"]
+CRITIC_FREE: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
+GROUP_BASELINE: tuple[str, ...] = ("grpo", "rloo")
+"""Algorithms whose baseline is the other responses to the same prompt."""
+# Critic-only settings: empty in the manifest (so that a critic-free job that sets one is
+# refused), these defaults when PPO runs.
+DEFAULT_VALUE_CLIP_RANGE = 0.2
+DEFAULT_VALUE_LOSS_COEF = 0.1
+DEFAULT_LAM = 0.95
+CRITIC_FIELDS: tuple[tuple[str, str], ...] = (
+    ("value_learning_rate", "valueLearningRate"),
+    ("value_clip_range", "valueClipRange"),
+    ("value_loss_coef", "valueLossCoef"),
+    ("lam", "lam"),
+)
+
+
 class PPOStage(ApiModel):
-    """Proximal Policy Optimisation of the SFT policy against the reward model."""
+    """The RL stage: the SFT policy optimised against the reward model by PPO (a learned value
+    model) or a critic-free policy-gradient method (`algorithm`)."""
 
     enabled: bool = Field(default=True, description="Run this stage.")
+    algorithm: Algorithm = Field(
+        default="ppo",
+        description="ppo: clipped policy loss with a value model and GAE. grpo: advantages "
+        "normalised within each prompt's group of `samplesPerPrompt` responses, KL to the "
+        "reference as a k3 loss term (`klIn`). rloo: leave-one-out baseline within the group, "
+        "KL in the reward. reinforce_pp: REINFORCE++, token-level KL in the reward, returns "
+        "whitened over the global batch. Critic-free algorithms build no value model.",
+    )
+    samples_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Responses sampled per prompt and iteration (the group of grpo and rloo, "
+        "which need 2 or more); an iteration has rolloutBatchSize x samplesPerPrompt rollouts.",
+    )
+    kl_in: Literal["loss", "reward"] | None = Field(
+        default=None,
+        description="Where the KL to the reference goes: `loss` (k3 estimate times klCoef "
+        "added to the policy loss; grpo only, its default) or `reward` (k1 per token; every "
+        "other algorithm's default).",
+    )
     prompts: PromptDataset | None = Field(default=None, description="Prompts for rollouts.")
     steps: int = Field(default=100, ge=1, description="PPO iterations (rollout + update).")
     rollout_batch_size: int = Field(
@@ -203,7 +242,10 @@ class PPOStage(ApiModel):
     ppo_epochs: int = Field(default=4, ge=1, le=64, description="Passes over each rollout batch.")
     learning_rate: float = Field(default=1e-6, gt=0, le=1, description="Policy learning rate.")
     value_learning_rate: float | None = Field(
-        default=None, gt=0, le=1, description="Value-model learning rate; defaults to the policy's."
+        default=None,
+        gt=0,
+        le=1,
+        description="Value-model learning rate (ppo only); defaults to the policy's.",
     )
     kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
     target_kl: float | None = Field(
@@ -212,11 +254,19 @@ class PPOStage(ApiModel):
         description="Adaptive KL control target (Ziegler et al.); empty keeps `klCoef` fixed.",
     )
     kl_horizon: int = Field(default=10000, ge=1, description="Adaptive KL controller horizon.")
-    clip_range: float = Field(default=0.2, gt=0, le=1, description="PPO policy ratio clip.")
-    value_clip_range: float = Field(default=0.2, gt=0, description="Value prediction clip.")
-    value_loss_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
-    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
-    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    clip_range: float = Field(default=0.2, gt=0, le=1, description="Policy ratio clip.")
+    value_clip_range: float | None = Field(
+        default=None, gt=0, description="Value prediction clip (ppo only); 0.2 when empty."
+    )
+    value_loss_coef: float | None = Field(
+        default=None, ge=0, description="Weight of the value loss (ppo only); 0.1 when empty."
+    )
+    gamma: float = Field(
+        default=1.0, ge=0, le=1, description="Discount factor (1 for grpo and rloo)."
+    )
+    lam: float | None = Field(
+        default=None, ge=0, le=1, description="GAE lambda (ppo only); 0.95 when empty."
+    )
     max_prompt_len: int = Field(
         default=256,
         ge=1,
@@ -234,6 +284,49 @@ class PPOStage(ApiModel):
     )
     checkpoint_every_steps: int = Field(
         default=20, ge=1, description="Save a resumable checkpoint every this many iterations."
+    )
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether this algorithm trains a value model (only PPO does)."""
+        return self.algorithm not in CRITIC_FREE
+
+    @property
+    def kl_placement(self) -> Literal["loss", "reward"]:
+        """`klIn`, or the algorithm's default: GRPO's KL is a loss term, the others' a reward."""
+        return self.kl_in or ("loss" if self.algorithm == "grpo" else "reward")
+
+    @property
+    def value_clip(self) -> float:
+        return DEFAULT_VALUE_CLIP_RANGE if self.value_clip_range is None else self.value_clip_range
+
+    @property
+    def value_coef(self) -> float:
+        return DEFAULT_VALUE_LOSS_COEF if self.value_loss_coef is None else self.value_loss_coef
+
+    @property
+    def gae_lambda(self) -> float:
+        return DEFAULT_LAM if self.lam is None else self.lam
+
+
+class DPOStage(TrainingSchedule):
+    """Direct Preference Optimisation of the SFT policy on preference pairs, against the frozen
+    SFT policy as reference: the path SFT -> DPO -> evaluation, without reward model or PPO."""
+
+    enabled: bool = Field(default=True, description="Run this stage (present = enabled).")
+    dataset: PreferenceDataset | None = Field(default=None, description="Preference pairs.")
+    learning_rate: float = Field(default=1e-6, gt=0, le=1, description="AdamW peak learning rate.")
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="Strength of the implicit KL to the reference (sigmoid: the logit scale; "
+        "ipo: the target margin is 1 / (2 beta)).",
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid",
+        description="sigmoid: DPO (Rafailov et al.), summed log-probs. ipo: IPO (Azar et al.), "
+        "log-probs averaged over response tokens (as TRL).",
     )
 
 
@@ -309,12 +402,14 @@ class JudgeSpec(ApiModel):
 
 
 class EvaluationStage(ApiModel):
-    """Compare the SFT and the PPO policy on held-out prompts, scored by the reward model (and
-    by an independent judge when one is set)."""
+    """Compare the SFT policy with the tuned (PPO or DPO) policy on held-out prompts, scored by
+    the reward model (and by an independent judge when one is set)."""
 
     enabled: bool = Field(default=True, description="Run this stage.")
     prompts: PromptDataset | None = Field(
-        default=None, description="Held-out prompts; defaults to the held-out part of PPO prompts."
+        default=None,
+        description="Held-out prompts; defaults to the held-out part of PPO prompts (required "
+        "with dpo).",
     )
     num_prompts: int = Field(
         default=64,
@@ -335,12 +430,23 @@ class EvaluationStage(ApiModel):
 
 
 class Stages(ApiModel):
-    """The pipeline; enabled stages run in this order: sft, reward, ppo, evaluation."""
+    """The pipeline; enabled stages run in this order: sft, reward, ppo, dpo, evaluation."""
 
     sft: SFTStage = Field(default_factory=SFTStage, description="Supervised fine-tuning.")
     reward: RewardStage = Field(default_factory=RewardStage, description="Reward model.")
-    ppo: PPOStage = Field(default_factory=PPOStage, description="PPO.")
+    ppo: PPOStage = Field(
+        default_factory=PPOStage, description="RL: PPO, GRPO, RLOO or REINFORCE++."
+    )
+    dpo: DPOStage | None = Field(
+        default=None,
+        description="DPO instead of reward model and PPO (runs when present; disable "
+        "spec.stages.reward and spec.stages.ppo).",
+    )
     evaluation: EvaluationStage = Field(default_factory=EvaluationStage, description="Evaluation.")
+
+    def enabled(self, name: str) -> bool:
+        stage = getattr(self, name)
+        return stage is not None and stage.enabled
 
 
 # --------------------------------------------------------------------------- cluster
@@ -535,18 +641,19 @@ def _divides_cel(stage: str) -> str:
     )
 
 
+_DPO_CEL = "(has(self.stages.dpo) && self.stages.dpo.enabled)"
+_PPO = "self.stages.ppo"
+
+
+def _critic_free_cel(camel: str) -> str:
+    return f"{_PPO}.algorithm == 'ppo' || !has({_PPO}.{camel})"
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         cel="self.stages.sft.enabled || self.stages.reward.enabled || self.stages.ppo.enabled"
-        " || self.stages.evaluation.enabled",
-        check=lambda s: any(
-            (
-                s.stages.sft.enabled,
-                s.stages.reward.enabled,
-                s.stages.ppo.enabled,
-                s.stages.evaluation.enabled,
-            )
-        ),
+        f" || {_DPO_CEL} || self.stages.evaluation.enabled",
+        check=lambda s: any(s.stages.enabled(name) for name in STAGE_ORDER),
         message="spec.stages: every stage is disabled; enable at least one stage.",
         field_path=".stages",
     ),
@@ -595,11 +702,100 @@ RULES: tuple[Rule, ...] = (
         field_path=".stages.ppo.prompts",
     ),
     Rule(
-        cel="!self.stages.evaluation.enabled || self.stages.ppo.enabled",
-        check=lambda s: not s.stages.evaluation.enabled or s.stages.ppo.enabled,
-        message="spec.stages.evaluation compares the PPO policy with the SFT policy: enable "
-        "spec.stages.ppo or set spec.stages.evaluation.enabled: false.",
+        cel=f"!self.stages.evaluation.enabled || self.stages.ppo.enabled || {_DPO_CEL}",
+        check=lambda s: (
+            not s.stages.evaluation.enabled or s.stages.ppo.enabled or s.stages.enabled("dpo")
+        ),
+        message="spec.stages.evaluation compares the PPO (or DPO) policy with the SFT policy: "
+        "enable spec.stages.ppo or spec.stages.dpo, or set spec.stages.evaluation.enabled: false.",
         field_path=".stages.evaluation.enabled",
+    ),
+    # ---- the RL stage's algorithm
+    Rule(
+        cel=f"!({_PPO}.algorithm in ['grpo', 'rloo']) || {_PPO}.samplesPerPrompt >= 2",
+        check=lambda s: (
+            s.stages.ppo.algorithm not in GROUP_BASELINE or s.stages.ppo.samples_per_prompt >= 2
+        ),
+        message="spec.stages.ppo.samplesPerPrompt must be 2 or more for algorithm grpo or rloo "
+        "(the baseline is the other responses to the same prompt); set it to e.g. 4.",
+        field_path=".stages.ppo.samplesPerPrompt",
+    ),
+    Rule(
+        cel=f"!has({_PPO}.klIn) || {_PPO}.klIn != 'loss' || {_PPO}.algorithm == 'grpo'",
+        check=lambda s: s.stages.ppo.kl_in != "loss" or s.stages.ppo.algorithm == "grpo",
+        message="spec.stages.ppo.klIn: loss is GRPO's KL term; with algorithm ppo, rloo or "
+        "reinforce_pp the KL is in the reward: remove klIn or set it to reward.",
+        field_path=".stages.ppo.klIn",
+    ),
+    Rule(
+        cel=f"!({_PPO}.algorithm in ['grpo', 'rloo']) || {_PPO}.gamma == 1.0",
+        check=lambda s: s.stages.ppo.algorithm not in GROUP_BASELINE or s.stages.ppo.gamma == 1.0,
+        message="spec.stages.ppo.gamma: grpo and rloo score whole responses (gamma 1); remove "
+        "gamma or use algorithm reinforce_pp or ppo for discounting.",
+        field_path=".stages.ppo.gamma",
+    ),
+    *(
+        Rule(
+            cel=_critic_free_cel(camel),
+            check=lambda s, snake=snake: (
+                s.stages.ppo.algorithm == "ppo" or getattr(s.stages.ppo, snake) is None
+            ),
+            message=f"spec.stages.ppo.{camel} configures the value model, which only algorithm "
+            f"ppo has; remove {camel} or set spec.stages.ppo.algorithm: ppo.",
+            field_path=f".stages.ppo.{camel}",
+        )
+        for snake, camel in CRITIC_FIELDS
+    ),
+    # ---- DPO: the path without reward model and PPO
+    Rule(
+        cel=f"!{_DPO_CEL} || !self.stages.ppo.enabled",
+        check=lambda s: not s.stages.enabled("dpo") or not s.stages.ppo.enabled,
+        message="spec.stages.dpo replaces PPO: set spec.stages.ppo.enabled: false, or remove "
+        "spec.stages.dpo.",
+        field_path=".stages.ppo.enabled",
+    ),
+    Rule(
+        cel=f"!{_DPO_CEL} || !self.stages.reward.enabled || has(self.stages.reward.model)",
+        check=lambda s: (
+            not s.stages.enabled("dpo")
+            or not s.stages.reward.enabled
+            or s.stages.reward.model is not None
+        ),
+        message="spec.stages.dpo trains on preference pairs directly, without a reward model: "
+        "set spec.stages.reward.enabled: false (or give a pretrained spec.stages.reward.model "
+        "for evaluation to score with).",
+        field_path=".stages.reward.enabled",
+    ),
+    Rule(
+        cel=f"!{_DPO_CEL} || has(self.stages.dpo.dataset)",
+        check=lambda s: not s.stages.enabled("dpo") or s.stages.dpo.dataset is not None,
+        message="spec.stages.dpo.dataset is required: the preference pairs (prompt, chosen, "
+        "rejected) DPO trains on.",
+        field_path=".stages.dpo.dataset",
+    ),
+    Rule(
+        cel=f"!{_DPO_CEL} || !self.stages.evaluation.enabled || has(self.stages.reward.model)",
+        check=lambda s: (
+            not s.stages.enabled("dpo")
+            or not s.stages.evaluation.enabled
+            or s.stages.reward.model is not None
+        ),
+        message="spec.stages.evaluation scores with a reward model, and spec.stages.dpo trains "
+        "none: set spec.stages.reward.model to a pretrained one, or set "
+        "spec.stages.evaluation.enabled: false.",
+        field_path=".stages.reward.model",
+    ),
+    Rule(
+        cel=f"!{_DPO_CEL} || !self.stages.evaluation.enabled"
+        " || has(self.stages.evaluation.prompts)",
+        check=lambda s: (
+            not s.stages.enabled("dpo")
+            or not s.stages.evaluation.enabled
+            or s.stages.evaluation.prompts is not None
+        ),
+        message="spec.stages.evaluation.prompts is required with spec.stages.dpo (the default, "
+        "PPO's held-out prompts, does not exist without PPO); set it.",
+        field_path=".stages.evaluation.prompts",
     ),
     Rule(
         cel="!has(self.stages.evaluation.judge) || !has(self.stages.evaluation.judge.model)"
@@ -646,6 +842,15 @@ RULES: tuple[Rule, ...] = (
         for stage in ("sft", "reward")
     ),
     Rule(
+        cel=f"!{_DPO_CEL} || ({_divides_cel('dpo')})",
+        check=lambda s: (
+            not s.stages.enabled("dpo") or _divides(s.stages.dpo, s.cluster.workers.replicas)
+        ),
+        message="spec.stages.dpo.batchSize must be a multiple of microBatchSize x "
+        "spec.cluster.workers.replicas; change the batch size or the micro-batch size.",
+        field_path=".stages.dpo.batchSize",
+    ),
+    Rule(
         cel="self.stages.ppo.rolloutBatchSize % self.cluster.workers.replicas == 0",
         check=lambda s: s.stages.ppo.rollout_batch_size % s.cluster.workers.replicas == 0,
         message="spec.stages.ppo.rolloutBatchSize must be a multiple of "
@@ -676,7 +881,8 @@ def _immutable(field: str) -> dict:
 
 
 class RLHFJobSpec(ApiModel):
-    """Desired state of an RLHFJob: one pipeline SFT -> reward -> PPO -> evaluation."""
+    """Desired state of an RLHFJob: one pipeline SFT -> reward -> PPO (or SFT -> DPO) ->
+    evaluation."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": {
@@ -714,8 +920,11 @@ class RLHFJobSpec(ApiModel):
 
     def enabled_stages(self) -> list[str]:
         """Names of the enabled stages, in pipeline order."""
-        return [name for name in STAGE_ORDER if getattr(self.stages, name).enabled]
+        return [name for name in STAGE_ORDER if self.stages.enabled(name)]
 
 
-STAGE_ORDER: tuple[str, ...] = ("sft", "reward", "ppo", "evaluation")
-StageName = Literal["sft", "reward", "ppo", "evaluation"]
+# The one list of stages (operator state machine, trainer CLI, status columns, metrics).
+STAGE_ORDER: tuple[str, ...] = ("sft", "reward", "ppo", "dpo", "evaluation")
+StageName = Literal["sft", "reward", "ppo", "dpo", "evaluation"]
+OPTIONAL_STAGES: tuple[str, ...] = ("dpo",)
+"""Stages that run only when present in the spec (the others run unless `enabled: false`)."""

@@ -51,6 +51,7 @@ HISTORY_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("loss",),
     "reward": ("loss", "accuracy"),
     "ppo": ("reward_mean", "kl"),
+    "dpo": ("loss", "reward_accuracy"),
 }
 """Metrics a stage keeps a curve of in `history` (the `kubectl rlhf status` sparklines)."""
 

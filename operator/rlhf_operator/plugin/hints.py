@@ -24,7 +24,12 @@ NO_PROGRESS_AFTER_S = 600.0
 CLUSTER_SLOW_AFTER_S = 900.0
 NO_STATUS_AFTER_S = 60.0
 RESUME_PATCH = '{"spec":{"runPolicy":{"suspend":false}}}'
-BATCH_FIELDS = {"sft": "microBatchSize", "reward": "microBatchSize", "ppo": "miniBatchSize"}
+BATCH_FIELDS = {
+    "sft": "microBatchSize",
+    "reward": "microBatchSize",
+    "ppo": "miniBatchSize",
+    "dpo": "microBatchSize",
+}
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
 _OOM = re.compile(r"out of memory|OutOfMemoryError|OOMKilled", re.IGNORECASE)
 _WRAPPER = re.compile(r"^RayJob \S+: (Ray job \w+|deployment \w+) \(")

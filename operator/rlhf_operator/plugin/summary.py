@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rlhf_operator import names
-from rlhf_operator.api.spec import STAGE_ORDER
+from rlhf_operator.api.spec import OPTIONAL_STAGES, STAGE_ORDER
 from rlhf_operator.api.timestamps import parse_time
 
 Obj = Mapping[str, Any]
@@ -25,6 +25,13 @@ def seconds_between(start: Any, end: Any, now: datetime) -> float | None:
     return max(((parse_time(end) or now) - begin).total_seconds(), 0.0)
 
 
+def _enabled(stage: Any, name: str) -> bool:
+    """As RLHFJobSpec.enabled_stages: an optional stage (dpo) runs only when present."""
+    if not isinstance(stage, Mapping):
+        return name not in OPTIONAL_STAGES
+    return bool(stage.get("enabled", True))
+
+
 def enabled_stages(job: Obj) -> list[str]:
     """Enabled stages in pipeline order, read leniently (the spec may be invalid)."""
     spec_stages = (job.get("spec") or {}).get("stages") or {}
@@ -32,7 +39,7 @@ def enabled_stages(job: Obj) -> list[str]:
     return [
         name
         for name in STAGE_ORDER
-        if (spec_stages.get(name) or {}).get("enabled", True) or name in status_stages
+        if _enabled(spec_stages.get(name), name) or name in status_stages
     ]
 
 

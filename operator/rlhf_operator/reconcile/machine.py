@@ -252,7 +252,7 @@ def _start(d: Draft, pinned_spec: str | None) -> None:
         if stage in enabled:
             d.stage(stage).state = "Pending"
             d.stage(stage).artifact = artifact_uri(spec.storage.uri, d.name, stage)
-        else:
+        elif getattr(spec.stages, stage) is not None:  # an absent optional stage (dpo): unlisted
             d.stage(stage).state = "Skipped"
     s.stage = enabled[0]
     s.start_time = timestamp(d.now)

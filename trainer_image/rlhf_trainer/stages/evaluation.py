@@ -1,5 +1,5 @@
-"""Evaluation: the SFT policy against the PPO policy on held-out prompts, scored by the reward
-model and, when `judge` is set, by an independent judge (judge.py).
+"""Evaluation: the SFT policy against the tuned policy (the RL stage's, or DPO's) on held-out
+prompts, scored by the reward model and, when `judge` is set, by an independent judge (judge.py).
 
 `numPrompts` prompts are drawn from the held-out rows by a seeded shuffle (spec.seed). For each,
 `samplesPerPrompt` responses are sampled from each policy and scored. Sample j of the PPO policy
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_trainer import judge as judges
 from rlhf_trainer.data import load_eval_rows, sample_rows
 from rlhf_trainer.jobspec import UserError
-from rlhf_trainer.models import check_model_path, policy_source, reward_source, stage_model_uri
+from rlhf_trainer.models import check_model_path, policy_source, reward_source, tuned_source
 from rlhf_trainer.reward_model import check_positive_label
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
         )
     if check_upstream:
         check_model_path(*policy_source(job))
-        check_model_path(stage_model_uri(job, "ppo"), "spec.stages.ppo (its model artifact)")
+        check_model_path(*tuned_source(job))
     reward_uri, reward_field = reward_source(job)
     if check_upstream or reward_field.endswith(".model"):
         check_model_path(reward_uri, reward_field)
@@ -204,7 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
         rows = chosen_prompts(job, rows, worker.world_size)
         mine = list(range(len(rows)))[worker.rank :: worker.world_size]
     (sft_uri, sft_field), (reward_uri, reward_field) = policy_source(job), reward_source(job)
-    rlhf_uri, rlhf_field = stage_model_uri(job, "ppo"), "spec.stages.ppo (its model artifact)"
+    rlhf_uri, rlhf_field = tuned_source(job)
     sft_revision = model_revision(job, sft_uri)
     loaders = {
         "sft": (sft_uri, sft_field, lambda: load_causal_lm(sft_uri, sft_field, sft_revision)),

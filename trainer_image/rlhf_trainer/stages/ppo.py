@@ -1,13 +1,16 @@
-"""PPO, colocated DeepSpeed-Chat style: every worker holds the policy and value model (trained,
-each its own DeepSpeed engine) and the reference and reward model (frozen engines).
+"""The RL stage (`spec.stages.ppo`), colocated DeepSpeed-Chat style: every worker holds the
+policy (trained), the reference and reward model (frozen engines) and, for `algorithm: ppo`
+only, the value model (trained). Critic-free algorithms (grpo, rloo, reinforce_pp) never build,
+load or checkpoint a value model.
 
 Per iteration each worker takes its share of `rolloutBatchSize` prompts and
-  1. samples one response per prompt from the policy;
-  2. scores it: policy and reference log-probabilities, values, the reward model's score;
-  3. per-token reward = -kl_coef * KL(policy || reference) (k1), plus the score on the last
-     response token; GAE advantages (whitened) and returns;
-  4. runs `ppoEpochs` passes of clipped policy and value updates over minibatches; DeepSpeed
-     averages the gradients over the workers.
+  1. samples `samplesPerPrompt` responses per prompt from the policy (a group, adjacent);
+  2. scores them: policy and reference log-probabilities, values (ppo), the reward model's score;
+  3. advantages per algorithm (stages/advantages.py): ppo: per-token reward -kl_coef * KL (k1)
+     plus the score on the last token, GAE (whitened) and returns; grpo/rloo: group baselines;
+     reinforce_pp: returns to go whitened over the global batch;
+  4. runs `ppoEpochs` passes of clipped policy (and value) updates over minibatches, plus
+     GRPO's k3 KL loss term when the KL is in the loss; DeepSpeed averages the gradients.
 The KL coefficient is fixed, or adaptive towards `targetKL` (Ziegler et al. 2019).
 Policy init and reference: the SFT model; reward model and value init: the reward model. A
 pretrained classifier that cannot start a value model (another vocabulary, an encoder, several
@@ -18,8 +21,9 @@ iteration's rollouts), kl (per-sequence KL, summed over response tokens), policy
 value_loss, clip_fraction, approx_kl (k2 KL between the rollout policy and the updated one,
 mean over minibatches), entropy (of the tempered policy on response tokens), eos_fraction
 (responses that ended with EOS; `missingEosPenalty` is subtracted from the others' scores before
-the KL and GAE, reward_mean stays the reward model's own score), kl_coef, learning_rate.
-Log-probs are scored with the sampling temperature (models.token_logprobs).
+the KL and advantages, reward_mean stays the reward model's own score), kl_coef, learning_rate
+(value_loss only for ppo). Log-probs are scored with the sampling temperature
+(models.token_logprobs).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 
     from rlhf_trainer.generation import Samples
     from rlhf_trainer.reward_model import RewardScorer
+    from rlhf_trainer.stages.advantages import Reduce
 
 FIELD = "spec.stages.ppo"
 PROMPTS_FIELD = f"{FIELD}.prompts"
@@ -102,9 +107,12 @@ class Rollout:
 
     samples: Samples
     logprobs: torch.Tensor
-    values: torch.Tensor
+    reference: torch.Tensor
+    """The frozen reference's log-probs (GRPO's KL loss term)."""
+    values: torch.Tensor | None
+    """None without a value model (critic-free), as `returns`."""
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
     scores: torch.Tensor
     """[B] reward-model score of each sequence."""
     kl: torch.Tensor
@@ -123,10 +131,13 @@ def score(
     ppo: PPOStage,
     kl_coef: float,
     eos_id: int | None = None,
+    reduce: Reduce | None = None,
 ) -> Rollout:
-    """Score a batch of samples. `eos_id`: the policy's EOS, for `missingEosPenalty`."""
-    from rlhf_trainer.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten
+    """Score a batch of samples. `eos_id`: the policy's EOS, for `missingEosPenalty`; `reduce`:
+    sums over all workers (REINFORCE++ whitens over the global batch)."""
+    from rlhf_trainer.losses import kl_penalty, masked_mean, masked_sum
     from rlhf_trainer.models import token_entropy, token_logprobs
+    from rlhf_trainer.stages.advantages import advantages_and_returns
 
     ids, attention = samples.input_ids, samples.attention_mask
     actions = samples.action_mask
@@ -138,17 +149,19 @@ def score(
     reference = token_logprobs(
         engines["reference"](input_ids=ids, attention_mask=attention).logits, ids, temperature
     )
-    values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
+    values = None
+    if "value" in engines:
+        values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
     raw_scores = reward(ids, attention)
     scores = eos_penalised(raw_scores, samples, eos_id, ppo.missing_eos_penalty)
     kl = kl_penalty(logprobs, reference, "k1")
-    rewards = token_rewards(scores, kl, actions, kl_coef)
-    advantages, returns = gae(rewards, values, actions, ppo.gamma, ppo.lam)
+    advantages, returns = advantages_and_returns(ppo, scores, kl, actions, kl_coef, values, reduce)
     return Rollout(
         samples=samples,
         logprobs=logprobs,
+        reference=reference,
         values=values,
-        advantages=masked_whiten(advantages, actions),
+        advantages=advantages,
         returns=returns,
         scores=raw_scores,
         kl=masked_sum(kl, actions, dim=1),
@@ -157,16 +170,22 @@ def score(
     )
 
 
-def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch: int):
-    """`ppoEpochs` passes of clipped policy and value updates; mean (policy_loss, value_loss,
-    clip_fraction, approx_kl) over the minibatches."""
-    from rlhf_trainer.losses import policy_loss, value_loss
+def update(
+    rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch: int, kl_coef: float
+) -> dict[str, float]:
+    """`ppoEpochs` passes of clipped policy (and, with a critic, value) updates; the means of
+    policy_loss, value_loss (ppo), clip_fraction, approx_kl over the minibatches. With the KL
+    in the loss (GRPO), `kl_coef` times the k3 KL to the reference joins the policy loss."""
+    from rlhf_trainer.losses import kl_loss, policy_loss, value_loss
     from rlhf_trainer.models import token_logprobs
 
-    policy, value = engines["policy"], engines["value"]
+    policy, value = engines["policy"], engines.get("value")
+    kl_in_loss = ppo.kl_placement == "loss"
     samples = rollout.samples
     count = samples.input_ids.shape[0]
-    totals = [0.0, 0.0, 0.0, 0.0]
+    totals = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl"), 0.0)
+    if value is not None:
+        totals["value_loss"] = 0.0
     passes = 0
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(count, device=samples.input_ids.device)
@@ -182,25 +201,29 @@ def update(rollout: Rollout, engines: dict[str, Any], ppo: PPOStage, mini_batch:
             loss, clipped, approx_kl = policy_loss(
                 logprobs, rollout.logprobs[idx], rollout.advantages[idx], actions, ppo.clip_range
             )
+            if kl_in_loss:
+                loss = loss + kl_coef * kl_loss(logprobs, rollout.reference[idx], actions)
             policy.backward(loss)
             policy.step()
-            values = value(input_ids=ids, attention_mask=attention)[:, :-1]
-            v_loss = value_loss(
-                values, rollout.values[idx], rollout.returns[idx], actions, ppo.value_clip_range
-            )
-            value.backward(ppo.value_loss_coef * v_loss)
-            value.step()
-            totals[0] += loss.item()
-            totals[1] += v_loss.item()
-            totals[2] += clipped.item()
-            totals[3] += approx_kl.item()
+            totals["policy_loss"] += loss.item()
+            totals["clip_fraction"] += clipped.item()
+            totals["approx_kl"] += approx_kl.item()
+            if value is not None:
+                values = value(input_ids=ids, attention_mask=attention)[:, :-1]
+                v_loss = value_loss(
+                    values, rollout.values[idx], rollout.returns[idx], actions, ppo.value_clip
+                )
+                value.backward(ppo.value_coef * v_loss)
+                value.step()
+                totals["value_loss"] += v_loss.item()
             passes += 1
-    return [total / max(passes, 1) for total in totals]
+    return {name: total / max(passes, 1) for name, total in totals.items()}
 
 
 @dataclass
 class Models:
-    """PPO's four models, each built for its engine (under ZeRO-3: partitioned as built)."""
+    """The RL stage's models (PPO's four; three for critic-free algorithms), each built for its
+    engine (under ZeRO-3: partitioned as built)."""
 
     tokenizer: Any
     """The policy's."""
@@ -211,8 +234,9 @@ class Models:
 
 
 def load_models(worker: Any, mini_batch: int) -> Models:
-    """Policy and reference from the SFT model; reward model; value model from the reward model
-    when it can start one, else from the SFT model with a fresh scalar head (logged)."""
+    """Policy and reference from the SFT model; reward model; for ppo only, the value model from
+    the reward model when it can start one, else from the SFT model with a fresh scalar head
+    (logged). Critic-free algorithms load no value model at all (the memory is the point)."""
     from rlhf_trainer import engine as ds
     from rlhf_trainer.models import (
         disable_dropout,
@@ -254,25 +278,11 @@ def load_models(worker: Any, mini_batch: int) -> Models:
     reward = plans["reward"].build(
         lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label)
     )
-    problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
-    value_uri, value_field = (
-        (reward_uri, reward_field) if problem is None else policy_source(worker.job)
-    )
-    if problem is not None and worker.is_main:
-        logger.warning(
-            "ppo: the value model starts from %s with a fresh scalar head: %s", value_field, problem
-        )
-    plans["value"] = plan(value_uri, value_field, ppo.value_learning_rate or ppo.learning_rate)
     plans["policy"] = plan(policy_uri, policy_field, ppo.learning_rate)
     plans["reference"] = plan(policy_uri, policy_field)
     modules = {
         "policy": plans["policy"].build(
             lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
-        ),
-        "value": plans["value"].build(
-            lambda: load_scalar_model(
-                value_uri, value_field, tokenizer.pad_token_id, revision(value_uri)
-            )
         ),
         "reference": plans["reference"].build(
             lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
@@ -280,7 +290,24 @@ def load_models(worker: Any, mini_batch: int) -> Models:
         "reward": reward,
     }
     disable_dropout(modules["policy"])
-    disable_dropout(modules["value"])
+    if ppo.has_critic:
+        problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
+        value_uri, value_field = (
+            (reward_uri, reward_field) if problem is None else policy_source(worker.job)
+        )
+        if problem is not None and worker.is_main:
+            logger.warning(
+                "ppo: the value model starts from %s with a fresh scalar head: %s",
+                value_field,
+                problem,
+            )
+        plans["value"] = plan(value_uri, value_field, ppo.value_learning_rate or ppo.learning_rate)
+        modules["value"] = plans["value"].build(
+            lambda: load_scalar_model(
+                value_uri, value_field, tokenizer.pad_token_id, revision(value_uri)
+            )
+        )
+        disable_dropout(modules["value"])
     return Models(tokenizer, reward_tokenizer, plans, modules)
 
 
@@ -290,14 +317,15 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer.generation import sample
     from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
     from rlhf_trainer.reward_model import RewardScorer, max_length
-    from rlhf_trainer.worker import StageWorker, all_mean
+    from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
     worker = StageWorker.start(config)
     spec = worker.job.spec
     ppo = spec.stages.ppo
     with worker.timed("data"):
         prompts = prompt_split(worker.job).train
-    per_worker = ppo.rollout_batch_size // worker.world_size
+    group = ppo.samples_per_prompt
+    per_worker = ppo.rollout_batch_size // worker.world_size * group
     mini_batch = min(ppo.mini_batch_size or per_worker, per_worker)
     with worker.timed("model_load"):
         models = load_models(worker, mini_batch)
@@ -317,7 +345,7 @@ def train_loop(config: dict[str, Any]) -> None:
         kl_control = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
     else:
         kl_control = FixedKLController(ppo.kl_coef)
-    trained = {"policy": engines["policy"], "value": engines["value"]}
+    trained = {name: engines[name] for name in ("policy", "value") if name in engines}
     state = worker.restore(trained)
     if state is not None:
         kl_control.value = float(state["kl_coef"])
@@ -330,6 +358,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for step in range(start, ppo.steps):
             worker.sampling_seed(step)
             texts = prompts[batches.rows(step, worker.rank)][ppo.prompts.prompt_field]
+            texts = [text for text in texts for _ in range(group)]  # each group adjacent
             with worker.timed("rollout"):
                 samples = sample(
                     engines["policy"].module,
@@ -340,46 +369,22 @@ def train_loop(config: dict[str, Any]) -> None:
                     device=device,
                 )
                 rollout = score(
-                    samples, engines, scorer, ppo, kl_control.value, tokenizer.eos_token_id
+                    samples, engines, scorer, ppo, kl_control.value, tokenizer.eos_token_id, all_sum
                 )
             with worker.timed("update"):
-                policy_loss, value_loss, clip_fraction, approx_kl = update(
-                    rollout, engines, ppo, mini_batch
-                )
-            (
-                reward_mean,
-                kl,
-                policy_loss,
-                value_loss,
-                clip_fraction,
-                approx_kl,
-                entropy,
-                eos_fraction,
-            ) = all_mean(
-                [
-                    rollout.scores.mean().item(),
-                    rollout.kl.mean().item(),
-                    policy_loss,
-                    value_loss,
-                    clip_fraction,
-                    approx_kl,
-                    rollout.entropy,
-                    rollout.eos_fraction,
-                ]
-            )
-            metrics = {
-                "reward_mean": reward_mean,
-                "kl": kl,
-                "policy_loss": policy_loss,
-                "value_loss": value_loss,
-                "clip_fraction": clip_fraction,
-                "approx_kl": approx_kl,
-                "entropy": entropy,
-                "eos_fraction": eos_fraction,
-                "kl_coef": kl_control.value,
-                "learning_rate": engines["policy"].get_lr()[0],
+                losses = update(rollout, engines, ppo, mini_batch, kl_control.value)
+            local = {
+                "reward_mean": rollout.scores.mean().item(),
+                "kl": rollout.kl.mean().item(),
+                **losses,
+                "entropy": rollout.entropy,
+                "eos_fraction": rollout.eos_fraction,
             }
-            kl_control.update(kl, ppo.rollout_batch_size)
+            metrics = dict(zip(local, all_mean(list(local.values())), strict=True))
+            metrics["kl_coef"] = kl_control.value
+            metrics["learning_rate"] = engines["policy"].get_lr()[0]
+            kl = metrics["kl"]
+            kl_control.update(kl, ppo.rollout_batch_size * group)
             done = step + 1
             worker.log(done, metrics)
             if done < ppo.steps and done % ppo.checkpoint_every_steps == 0:
