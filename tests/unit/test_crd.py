@@ -111,6 +111,19 @@ CASES = {
     "micro-batch-ok": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 4}}},
     "micro-batch-bad": {"stages": {"reward": {"batchSize": 16, "microBatchSize": 3}}},
     "rollout-not-multiple": {"stages": {"ppo": {"rolloutBatchSize": 9}}},
+    # one rank per GPU: 2 pods x 4 GPUs = 8 ranks
+    "rollout-per-gpu-ok": {
+        "stages": {"ppo": {"rolloutBatchSize": 16}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
+    "rollout-per-gpu-bad": {
+        "stages": {"ppo": {"rolloutBatchSize": 12}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
+    "batch-per-gpu-bad": {
+        "stages": {"sft": {"batchSize": 20}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
 }
 
 
@@ -123,6 +136,7 @@ VALID_CASES = {
     "offload-params-z3",
     "fp16-gpu",
     "micro-batch-ok",
+    "rollout-per-gpu-ok",
 }
 
 

@@ -49,9 +49,11 @@ def eval_prompts(job: RLHFJob) -> tuple[datasets.Dataset, str]:
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     rows, _ = eval_prompts(job)
-    if len(rows) < job.spec.cluster.workers.replicas:
+    from rlhf_operator.api.spec import ranks
+
+    if len(rows) < ranks(job.spec):
         raise UserError(
-            f"{FIELD}.prompts: {len(rows)} prompts for {job.spec.cluster.workers.replicas} "
+            f"{FIELD}.prompts: {len(rows)} prompts for {ranks(job.spec)} "
             "workers; give at least one prompt per worker."
         )
     if check_upstream:
@@ -152,28 +154,35 @@ def train_loop(config: dict[str, Any]) -> None:
         "spec.stages.ppo (its model artifact)",
     )
     loaders = {
-        "sft": (sft_uri, sft_field, lambda: load_causal_lm(sft_uri, sft_field)),
-        "rlhf": (rlhf_uri, rlhf_field, lambda: load_causal_lm(rlhf_uri, rlhf_field)),
+        "sft": (sft_uri, sft_field, lambda dtype: load_causal_lm(sft_uri, sft_field, dtype=dtype)),
+        "rlhf": (
+            rlhf_uri,
+            rlhf_field,
+            lambda dtype: load_causal_lm(rlhf_uri, rlhf_field, dtype=dtype),
+        ),
         "reward": (
             reward_uri,
             reward_field,
-            lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label),
+            lambda dtype: load_reward_head(
+                reward_uri, reward_field, spec.stages.reward.positive_label, dtype
+            ),
         ),
     }
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(sft_uri, sft_field)
         reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
-        plans, models = {}, {}
-        for name, (uri, field, load) in loaders.items():
-            plans[name] = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
+    models, engines = {}, {}
+    for name, (uri, field, load) in loaders.items():  # each engine made before the next load
+        with worker.timed("model_load"):
+            plan = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
                 spec.parallelism,
                 use_gpu=worker.use_gpu,
                 world_size=worker.world_size,
                 hidden_size=hidden_size(uri, field),
             )
-            models[name] = plans[name].build(load)
-    with worker.timed("deepspeed_init"):
-        engines = {name: plans[name].initialize(model) for name, model in models.items()}
+            models[name] = plan.build(lambda load=load, plan=plan: load(plan.dtype))
+        with worker.timed("deepspeed_init"):
+            engines[name] = plan.initialize(models[name])
     device = engines["sft"].device
     scorer = RewardScorer(
         engines["reward"],
