@@ -93,8 +93,13 @@ def test_micro_batched_scoring_equals_one_pass(tiny_dir: Path) -> None:
     """rolloutMicroBatchSize changes memory, not the rollout: same log-probs, values, KL and
     (batch-whitened) advantages as one pass over all sequences."""
     from rlhf_trainer.generation import sample
-    from rlhf_trainer.models import ScalarHeadModel, load_causal_lm, load_scalar_model
-    from rlhf_trainer.models import load_tokenizer, last_token
+    from rlhf_trainer.models import (
+        ScalarHeadModel,
+        last_token,
+        load_causal_lm,
+        load_scalar_model,
+        load_tokenizer,
+    )
     from rlhf_trainer.stages.ppo import score
 
     uri = str(tiny_dir / "model")
