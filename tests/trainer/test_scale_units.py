@@ -179,3 +179,70 @@ def test_lora_target_modules_that_match_nothing_name_the_field(tiny_dir: Path) -
     model = load_causal_lm(str(tiny_dir / "model"), "f")
     with pytest.raises(UserError, match=r"spec\.parallelism\.lora\.targetModules"):
         add_policy_adapters(model, LoraSpec(target_modules=["q_proj"]), seed=0, field="f")
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-process torch.distributed group (gloo) for a DeepSpeed engine in this process."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # a DeepSpeed ZeRO-3 engine in this process (8 min under a load of 48)
+def test_zero3_generation_gathers_once_and_restores_the_hooks(
+    tiny_dir: Path, one_rank_group
+) -> None:
+    """Under ZeRO-3 the policy is gathered whole for the rollout (no collective per token:
+    `synced_gpus` off), samples what layer-by-layer generation samples, and is partitioned
+    again afterwards with DeepSpeed's hooks back (training forward passes still gather)."""
+    from rlhf_operator.api.spec import ParallelismSpec
+    from rlhf_trainer.engine import generation_model, plan_engine
+    from rlhf_trainer.generation import sample
+    from rlhf_trainer.models import load_causal_lm, load_tokenizer
+
+    uri = str(tiny_dir / "model")
+    tokenizer = load_tokenizer(uri, "f")
+    plan = plan_engine(
+        ParallelismSpec(zero_stage=3, precision="fp32"),
+        use_gpu=False,
+        world_size=1,
+        hidden_size=64,
+        learning_rate=1e-3,
+    )
+    engine = plan.initialize(plan.build(lambda: load_causal_lm(uri, "f")))
+    params = list(engine.module.parameters())
+    assert any(p.numel() == 0 for p in params)  # partitioned
+    prompts = [tokenizer(f"film {'good ' * i}:").input_ids for i in range(3)]
+
+    def rollout(model, synced):
+        torch.manual_seed(0)
+        return sample(
+            model,
+            tokenizer,
+            prompts,
+            GenerationSpec(max_new_tokens=6),
+            synced_gpus=synced,
+            device=torch.device("cpu"),
+        )
+
+    layer_by_layer = rollout(engine.module, True)
+    with generation_model(engine, 3) as (model, synced):
+        assert not synced
+        assert all(p.numel() == p.ds_numel for p in model.parameters())  # whole
+        whole = rollout(model, synced)
+    assert whole.responses == layer_by_layer.responses
+    assert any(p.numel() == 0 for p in params)  # partitioned again
+    ids = whole.input_ids
+    loss = engine(input_ids=ids, attention_mask=whole.attention_mask, labels=ids).loss
+    engine.backward(loss)  # the hooks gather and release again for training
+    engine.step()
