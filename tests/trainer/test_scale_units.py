@@ -35,7 +35,7 @@ def test_one_ray_train_worker_per_gpu(tmp_path: Path, tiny_dir: Path) -> None:
     scaling = layout.scaling_config()
     assert scaling.num_workers == 8 and scaling.use_gpu
     assert scaling.placement_strategy == "PACK"
-    assert scaling._resources_per_worker_not_none == {"CPU": 4.0, "GPU": 1.0}
+    assert (scaling.num_gpus_per_worker, scaling.num_cpus_per_worker) == (1.0, 4.0)
 
 
 def test_cpu_pods_run_one_worker_each_within_the_clusters_cpus(
