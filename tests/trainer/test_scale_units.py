@@ -172,6 +172,22 @@ def test_lora_reference_is_the_base_and_the_policy_saves_merged(
         torch.testing.assert_close(policy(input_ids=ids).logits, adapted)
 
 
+def test_lora_adapters_take_the_models_precision(tiny_dir: Path) -> None:
+    """One dtype for every trainable parameter: ZeRO-3 flattens them into one buffer."""
+    from rlhf_trainer.lora import add_policy_adapters, add_value_adapters
+    from rlhf_trainer.models import load_causal_lm, load_scalar_model
+
+    uri = str(tiny_dir / "model")
+    policy = add_policy_adapters(
+        load_causal_lm(uri, "f", dtype=torch.bfloat16), LoraSpec(), seed=0, field="f"
+    )
+    value = add_value_adapters(
+        load_scalar_model(uri, "f", 0, torch.bfloat16), LoraSpec(), seed=0, field="f"
+    )
+    for model in (policy, value):
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
 def test_lora_target_modules_that_match_nothing_name_the_field(tiny_dir: Path) -> None:
     from rlhf_trainer.lora import add_policy_adapters
     from rlhf_trainer.models import load_causal_lm

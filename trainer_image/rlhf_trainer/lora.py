@@ -41,13 +41,22 @@ def _inject(model: torch.nn.Module, lora: LoraSpec, task_type: str, seed: int, f
 
     # Every rank draws the same adapter init (ZeRO-3 partitions it without a broadcast).
     torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     try:
-        return get_peft_model(model, lora_config(lora, task_type))
+        # PEFT would keep adapters in fp32 beside bf16 weights; ZeRO-3 flattens all trainable
+        # parameters of an engine into one buffer of one dtype (DeepSpeed keeps fp32 masters).
+        peft_model = get_peft_model(
+            model, lora_config(lora, task_type), autocast_adapter_dtype=False
+        )
     except ValueError as exc:
         raise UserError(
             f"{FIELD}.targetModules: {exc} (model {field}); name modules of this architecture "
             "(e.g. c_attn for GPT-2, q_proj/v_proj for Llama)."
         ) from exc
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return peft_model
 
 
 def add_policy_adapters(model: torch.nn.Module, lora: LoraSpec, seed: int, field: str):
