@@ -27,3 +27,33 @@ def tiny_run(ray_session, tiny_dir: Path, tmp_path_factory: pytest.TempPathFacto
     work = tmp_path_factory.mktemp("pipeline")
     manifest = write_manifest(work / "job.yaml", tiny_manifest(tiny_dir, work / "unused"))
     return run_local(str(manifest), str(work / "out"), progress_bars=False)
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """A one-process torch.distributed group (gloo) for DeepSpeed engines in this process, kept
+    for the whole session: DeepSpeed caches the world group, so a destroyed and re-created one
+    is "not registered" for the next engine."""
+    import os
+
+    import torch.distributed as dist
+
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29533",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -4,6 +4,7 @@ built, so none is loaded, trained or checkpointed (`train_loop` checkpoints what
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,13 @@ def worker_for(tiny_dir: Path, tmp_path: Path, **ppo) -> SimpleNamespace:
             },
         }
     )
-    return SimpleNamespace(job=job, use_gpu=False, world_size=1, is_main=True)
+    return SimpleNamespace(
+        job=job,
+        use_gpu=False,
+        world_size=1,
+        is_main=True,
+        timed=lambda _name: contextlib.nullcontext(),
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,9 +48,12 @@ def worker_for(tiny_dir: Path, tmp_path: Path, **ppo) -> SimpleNamespace:
         ({"algorithm": "reinforce_pp"}, {"policy", "reference", "reward"}),
     ],
 )
-def test_only_ppo_builds_a_value_model(tiny_dir: Path, tmp_path: Path, ppo, models) -> None:
+def test_only_ppo_builds_a_value_model(
+    tiny_dir: Path, tmp_path: Path, ppo, models, one_rank_group
+) -> None:
     built = load_models(worker_for(tiny_dir, tmp_path, **ppo), mini_batch=4)
     assert set(built.modules) == models
+    assert set(built.engines) == models
     assert set(built.plans) == models
     trainable = {name for name, plan in built.plans.items() if plan.trainable}
     assert trainable == {"policy", "value"} & models

@@ -185,6 +185,19 @@ CASES = {
             "evaluation": {"enabled": False},
         }
     },
+    # one rank per GPU: 2 pods x 4 GPUs = 8 ranks
+    "rollout-per-gpu-ok": {
+        "stages": {"ppo": {"rolloutBatchSize": 16}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
+    "rollout-per-gpu-bad": {
+        "stages": {"ppo": {"rolloutBatchSize": 12}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
+    "batch-per-gpu-bad": {
+        "stages": {"sft": {"batchSize": 20}},
+        "cluster": {"workers": {"gpusPerWorker": 4}},
+    },
 }
 
 
@@ -205,6 +218,7 @@ VALID_CASES = {
     "ppo-critic-settings",
     "dpo-path",
     "dpo-disabled-with-ppo",
+    "rollout-per-gpu-ok",
 }
 
 

@@ -82,6 +82,10 @@ SCHEMA_ERRORS = [
     ({"stages": {"ppo": {"klIn": "both"}}}, "spec.stages.ppo.klIn"),
     ({"stages": {"dpo": {"lossType": "hinge"}}}, "spec.stages.dpo.lossType"),
     ({"stages": {"dpo": {"beta": 0}}}, "spec.stages.dpo.beta"),
+    ({"stages": {"ppo": {"rolloutMicroBatchSize": 0}}}, "spec.stages.ppo.rolloutMicroBatchSize"),
+    ({"parallelism": {"lora": {"rank": 0}}}, "spec.parallelism.lora.rank"),
+    ({"parallelism": {"lora": {"alpha": -1}}}, "spec.parallelism.lora.alpha"),
+    ({"parallelism": {"lora": {"targetModules": "c_attn"}}}, "spec.parallelism.lora.targetModules"),
     (
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",
@@ -194,6 +198,14 @@ RULE_ERRORS = [
     ({"parallelism": {"precision": "fp16"}}, "spec.parallelism.precision: fp16 needs GPUs"),
     ({"stages": {"sft": {"batchSize": 7}}}, "spec.stages.sft.batchSize must be a multiple"),
     ({"stages": {"ppo": {"rolloutBatchSize": 9}}}, "spec.stages.ppo.rolloutBatchSize"),
+    (
+        # 2 pods x 4 GPUs = 8 ranks: 12 prompts cannot be shared equally.
+        {
+            "stages": {"ppo": {"rolloutBatchSize": 12}},
+            "cluster": {"workers": {"replicas": 2, "gpusPerWorker": 4}},
+        },
+        "rolloutBatchSize must be a multiple of spec.cluster.workers.replicas x gpusPerWorker",
+    ),
     (
         {"stages": {"reward": {"positiveLabel": "POSITIVE"}}},
         "spec.stages.reward.positiveLabel picks a label of a pretrained classifier",

@@ -7,6 +7,9 @@
     rlhf stage <sft|reward|ppo|evaluation> --job '<RLHFJob JSON>'|job.yaml
                [--attempt N] [--resume-from URI]
         one stage: what a stage RayJob runs (docs/CONTRACTS.md §1); attaches to the running Ray
+    rlhf plan job.yaml [--gpu-memory 80GiB] [--model-config config.json]
+        every stage's memory per GPU and per host from the model's config (no weights, no GPU);
+        exit 3 when a stage does not fit, with the setting that would make it fit
     rlhf --version
 
 Exit codes: 0 success, 1 the stage failed, 2 bad input (the message, naming the spec field, is
@@ -55,6 +58,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    plan = commands.add_parser("plan", help="memory per GPU and host of every stage")
+    plan.add_argument("manifest", help="RLHFJob manifest (YAML or JSON file)")
+    plan.add_argument(
+        "--gpu-memory",
+        help="memory of one GPU, e.g. 80GiB (default: from the workers' nvidia.com/gpu.product "
+        "node selector)",
+    )
+    plan.add_argument(
+        "--model-config", help="config.json (or its directory) of spec.model.base, if offline"
+    )
+
     stage = commands.add_parser("stage", help="run one stage (what a stage RayJob runs)")
     stage.add_argument("stage", choices=STAGE_ORDER)
     stage.add_argument("--job", required=True, help="RLHFJob as JSON, or a .json/.yaml path")
@@ -96,12 +110,30 @@ def _run(args: argparse.Namespace) -> None:
     )
 
 
+EXIT_DOES_NOT_FIT = 3
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rlhf_trainer.jobspec import load_job
+    from rlhf_trainer.plan import report
+
+    try:
+        code, text = report(load_job(args.manifest), args.gpu_memory, args.model_config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(text)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "validate":  # before anything imports torch or ray
         code, report = validate_file(args.manifest, args.target or "auto")
         print(report, file=sys.stderr if code else sys.stdout)
         return code
+    if args.command == "plan":
+        return _plan(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rlhf_trainer.launcher import StageFailed
 

@@ -14,8 +14,11 @@ GPU ever holds the whole model, other workers not even in CPU memory (DeepSpeed-
 OpenRLHF's `HfDeepSpeedConfig` before `from_pretrained`).
 
     plan = plan_engine(spec.parallelism, use_gpu=..., world_size=..., hidden_size=..., ...)
-    model = plan.build(lambda: load_causal_lm(uri, field))
+    model = plan.build(lambda: load_causal_lm(uri, field, dtype=plan.dtype))
     engine = plan.initialize(model)
+
+Models are loaded in the spec's precision and each engine is made right after its model (before
+the next model is loaded): the host never holds several full-precision models at once.
 """
 
 from __future__ import annotations
@@ -137,6 +140,13 @@ class EnginePlan:
     def zero_stage(self) -> int:
         return int(self.config["zero_optimization"]["stage"])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype to load the model in: the spec's precision (models.load_dtype)."""
+        from rlhf_trainer.models import load_dtype
+
+        return load_dtype(self.parallelism.precision)
+
     @contextlib.contextmanager
     def building(self) -> Iterator[None]:
         """Under ZeRO-3, transformers models made in this block are partitioned over the workers
@@ -246,16 +256,87 @@ def gathered(engine, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
+# Share of the free device (or host) memory a ZeRO-3 model's full parameters may take to be
+# gathered once for generation; the rest is for the KV cache and activations.
+GATHER_FOR_GENERATION_SHARE = 0.5
+
+
+def _zero3_offload(engine):
+    """The DeepSpeedZeRoOffload that owns a ZeRO-3 engine's module hooks."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "parameter_offload", optimizer)
+
+
+def full_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's full (unpartitioned) parameters."""
+    return sum(
+        int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in module.parameters()
+    )
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@contextlib.contextmanager
+def generation_model(engine, zero_stage: int) -> Iterator[tuple[torch.nn.Module, bool]]:
+    """(model to `generate` with, whether its forward passes are collective).
+
+    Under ZeRO-3 every forward gathers each layer's parameters from all ranks, and generation
+    runs one forward per token: a 256-token response costs 256 all-gathers of the whole model.
+    When the full parameters fit (`GATHER_FOR_GENERATION_SHARE` of the free memory, the same on
+    every rank), they are gathered once for the whole rollout and DeepSpeed's per-module hooks
+    are lifted meanwhile (DeepSpeed's hybrid engine; TRL's `unwrap_model_for_generation`);
+    ranks then generate independently. Otherwise generation stays layer by layer and ranks step
+    together (`synced_gpus`). Stages 0-2 hold the whole model anyway.
+    """
+    if zero_stage != 3:
+        yield engine.module, False
+        return
+    import deepspeed
+
+    from rlhf_trainer.worker import all_sum
+
+    needed = full_parameter_bytes(engine.module)
+    fits = needed <= GATHER_FOR_GENERATION_SHARE * free_memory_bytes(engine.device)
+    # Every rank must choose the same way: gathering is collective.
+    if all_sum([float(not fits)])[0] > 0:
+        yield engine.module, True
+        return
+    offload = _zero3_offload(engine)
+    engine.empty_partition_cache()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        for param in engine.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield engine.module, False
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
 def save_pretrained(engine, hf_model, tokenizer, out_dir: Path, rank: int, zero_stage: int):
     """`save_pretrained` of an engine's HF model (+ tokenizer) on rank 0; collective under ZeRO-3.
 
     `hf_model` is the transformers model inside the engine (the engine's module itself, or the
-    model a wrapper holds).
+    model a wrapper holds); a LoRA (PEFT) model is saved with its adapters merged, as a plain
+    transformers model.
     """
+    from rlhf_trainer.lora import is_peft, save_merged
+
     with gathered(engine, zero_stage):
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            hf_model.save_pretrained(out_dir)
+            if is_peft(hf_model):
+                save_merged(hf_model, out_dir)
+            else:
+                hf_model.save_pretrained(out_dir)
             tokenizer.save_pretrained(out_dir)
 
 

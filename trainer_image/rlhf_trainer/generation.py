@@ -33,6 +33,15 @@ class Samples:
     responses: list[list[int]]
     """Each response's token ids (EOS included when the model emitted it)."""
 
+    def part(self, rows: slice) -> Samples:
+        """The sequences `rows` (same width: still right-padded to the batch's length)."""
+        return Samples(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.action_mask[rows],
+            self.responses[rows],
+        )
+
     def to(self, device: torch.device) -> Samples:
         return Samples(
             self.input_ids.to(device),
@@ -58,6 +67,12 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     return Samples(input_ids, attention_mask, action_mask, [list(r) for r in responses])
 
 
+def chunks(count: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most `size` rows (one slice of all when `size` is None)."""
+    size = size or count or 1
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -67,33 +82,39 @@ def sample(
     *,
     synced_gpus: bool,
     device: torch.device,
+    micro_batch: int | None = None,
 ) -> Samples:
-    """Sample one response per prompt from `model` (a transformers causal LM).
+    """Sample one response per prompt from `model` (a transformers causal LM), `micro_batch`
+    prompts per `generate` call (all at once when None): the KV cache and logits are bounded by
+    the micro-batch, whatever the number of prompts.
 
-    `synced_gpus` keeps every rank stepping until all are done: required under ZeRO-3, where
-    each forward pass gathers parameters collectively.
+    `synced_gpus` keeps every rank stepping until all are done: required when each forward pass
+    gathers parameters collectively (ZeRO-3, engine.generation_model). Every rank has as many
+    prompts, so as many calls.
     """
     # A prompt needs at least one token to condition on (and to predict the first response
     # token from): an empty prompt starts from EOS, GPT-2's beginning-of-text.
     prompts = [list(p) if len(p) else [tokenizer.eos_token_id] for p in prompts]
-    input_ids, attention_mask = pad_left(prompts, tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
-    output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        do_sample=True,
-        max_new_tokens=generation.max_new_tokens,
-        temperature=generation.temperature,
-        top_k=generation.top_k,
-        top_p=generation.top_p,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=synced_gpus,
-    )
+    responses: list[list[int]] = []
+    for part in chunks(len(prompts), micro_batch):
+        input_ids, attention_mask = pad_left(prompts[part], tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=True,
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_k=generation.top_k,
+            top_p=generation.top_p,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced_gpus,
+        )
+        new_tokens = output[:, input_ids.shape[1] :].tolist()
+        responses += [cut_after_eos(tokens, tokenizer.eos_token_id) for tokens in new_tokens]
     model.train(was_training)
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-    responses = [cut_after_eos(tokens, tokenizer.eos_token_id) for tokens in new_tokens]
     return pack(prompts, responses, tokenizer.pad_token_id).to(device)
 
 

@@ -133,15 +133,52 @@ def ensure_ray(
     return time.perf_counter() - started
 
 
-def _cpus_per_worker(job: RLHFJob) -> float:
-    """The spec's CPU request per worker, capped by what this Ray cluster can give each one."""
-    import ray
+@dataclass(frozen=True)
+class WorkerLayout:
+    """Ray Train's workers of a stage: one DeepSpeed rank per GPU.
+
+    A pod (a RayCluster worker replica) with `gpusPerWorker` GPUs runs that many Ray Train
+    workers with one GPU each, as `torchrun --nproc-per-node` would: Ray Train sorts the workers
+    by node, so each pod holds consecutive ranks with local ranks 0..gpus-1 and CUDA device =
+    local rank; NCCL connects the pods over the pod network and the GPUs of a pod over /dev/shm
+    (an in-memory emptyDir, builders.py). CPU-only pods run one worker each.
+    """
+
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+
+    def scaling_config(self):
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=dict(self.resources_per_worker),
+            # Fill each pod's GPUs before the next pod: ranks of a pod share NVLink / shm.
+            placement_strategy="PACK",
+        )
+
+
+def _cpu_quantity(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def worker_layout(job: RLHFJob, cluster_cpus: float) -> WorkerLayout:
+    """The workers of `job` on a Ray cluster with `cluster_cpus` CPUs: replicas x gpusPerWorker
+    one-GPU workers (replicas on CPU), each with its share of the pod's CPU request, capped by
+    what the cluster can give each worker (a local Ray on a laptop)."""
+    from rlhf_operator.api.spec import ranks
 
     workers = job.spec.cluster.workers
-    requested = str(workers.resources.requests.get("cpu", "1"))
-    cpus = float(requested[:-1]) / 1000 if requested.endswith("m") else float(requested)
-    available = ray.cluster_resources().get("CPU", 1.0) / workers.replicas
-    return max(1.0, min(cpus, float(int(available))))
+    per_pod = max(workers.gpus_per_worker, 1)
+    count = ranks(job.spec)
+    requested = _cpu_quantity(str(workers.resources.requests.get("cpu", "1"))) / per_pod
+    available = float(int(cluster_cpus / count)) if cluster_cpus else requested
+    resources = {"CPU": max(1.0, min(requested, available))}
+    if workers.gpus_per_worker > 0:
+        resources["GPU"] = 1.0
+    return WorkerLayout(count, workers.gpus_per_worker > 0, resources)
 
 
 # ---------------------------------------------------------------------- stages
@@ -226,14 +263,11 @@ def _run_stage(
     ray_seconds = ensure_ray(attach=attach, verbose=verbose)
     delete_file(artifact.uri_of(RUN_FILE))  # the stage is not finished until it writes a new one
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    workers = job.spec.cluster.workers
-    use_gpu = workers.gpus_per_worker > 0
-    resources = {"CPU": _cpus_per_worker(job)}
-    if use_gpu:
-        resources["GPU"] = workers.gpus_per_worker
+    layout = worker_layout(job, ray.cluster_resources().get("CPU", 1.0))
     if progress_file:
         os.makedirs(os.path.dirname(progress_file) or ".", exist_ok=True)
     loop_config: dict[str, Any] = {
@@ -247,9 +281,7 @@ def _run_stage(
     trainer = TorchTrainer(
         run_stage_loop,  # the stage module's train_loop in the job's scratch directory
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=workers.replicas, use_gpu=use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=layout.scaling_config(),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=ray_storage_path(artifact.uri),

@@ -149,11 +149,12 @@ def run_local(
     for stage in stages:  # every input checked before any worker starts
         preflight(job, stage, check_upstream=False)
     import ray  # after the checks: a bad manifest fails fast
+    from rlhf_operator.api.spec import ranks
 
     parallelism = job.spec.parallelism
     print(
         f"rlhf run: job {job.metadata.name}: {' → '.join(stages)} on "
-        f"{job.spec.cluster.workers.replicas} workers, DeepSpeed ZeRO-{parallelism.zero_stage}, "
+        f"{ranks(job.spec)} workers, DeepSpeed ZeRO-{parallelism.zero_stage}, "
         f"{parallelism.precision}; output {output_dir}",
         file=out,
         flush=True,

@@ -118,19 +118,36 @@ def hidden_size(uri: str, field: str, revision: str | None = None) -> int | None
     return None
 
 
-def load_causal_lm(uri: str, field: str, revision: str | None = None):
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype models are loaded in: the spec's precision, so a worker never holds an fp32 copy
+    DeepSpeed would only cast down (a 6B model: 12 GB in bf16 instead of 24 GB). DeepSpeed keeps
+    the fp32 master weights of trained models in its optimizer, as OpenRLHF and DeepSpeed-Chat
+    do when they load in bf16."""
+    return PRECISION_DTYPES[precision]
+
+
+def load_causal_lm(
+    uri: str, field: str, revision: str | None = None, dtype: torch.dtype = torch.float32
+):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            locate(uri, field), revision=revision, dtype=torch.float32
+            locate(uri, field), revision=revision, dtype=dtype
         )
     except (OSError, ValueError) as exc:
         raise _loading(field, uri, exc) from exc
 
 
 def load_scalar_model(
-    uri: str, field: str, pad_token_id: int, revision: str | None = None
+    uri: str,
+    field: str,
+    pad_token_id: int,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ScalarHeadModel:
     """A one-output sequence-classification model (a fresh head on a causal-LM backbone, or a
     saved reward model's own head)."""
@@ -138,7 +155,7 @@ def load_scalar_model(
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            locate(uri, field), revision=revision, num_labels=1, dtype=torch.float32
+            locate(uri, field), revision=revision, num_labels=1, dtype=dtype
         )
     except (OSError, ValueError) as exc:
         raise _loading(field, uri, exc) from exc

@@ -97,14 +97,14 @@ class RewardHead(torch.nn.Module):
         return logits[:, self.label].float()
 
 
-def load_reward_head(uri: str, field: str, positive_label: str | None) -> RewardHead:
+def load_reward_head(
+    uri: str, field: str, positive_label: str | None, dtype: torch.dtype = torch.float32
+) -> RewardHead:
     """The classifier as saved (its own number of labels), wrapped to give sequence rewards."""
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            locate(uri, field), dtype=torch.float32
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(locate(uri, field), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"{field}: could not load {uri}: {type(exc).__name__}: {exc}") from exc
     label = positive_label_index(model.config.id2label, positive_label, uri)

@@ -239,6 +239,12 @@ class PPOStage(ApiModel):
         ge=1,
         description="Per-worker minibatch of a PPO update; whole shard if empty.",
     )
+    rollout_micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Per-worker sequences generated and scored in one forward pass: bounds "
+        "rollout memory whatever rolloutBatchSize is; whole shard if empty.",
+    )
     ppo_epochs: int = Field(default=4, ge=1, le=64, description="Passes over each rollout batch.")
     learning_rate: float = Field(default=1e-6, gt=0, le=1, description="Policy learning rate.")
     value_learning_rate: float | None = Field(
@@ -470,11 +476,19 @@ class HeadSpec(ApiModel):
 
 
 class WorkerSpec(ApiModel):
-    """The Ray worker group: one training worker per replica."""
+    """The Ray worker group: pods of `gpusPerWorker` GPUs, one training rank per GPU."""
 
-    replicas: int = Field(default=1, ge=1, le=1024, description="Workers (data-parallel ranks).")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Worker pods; ranks = replicas x gpusPerWorker (replicas on CPU).",
+    )
     gpus_per_worker: int = Field(
-        default=0, ge=0, le=16, description="`nvidia.com/gpu` per worker; 0 trains on CPU."
+        default=0,
+        ge=0,
+        le=16,
+        description="`nvidia.com/gpu` per worker pod, one training rank each; 0 trains on CPU.",
     )
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(
@@ -556,6 +570,21 @@ class ClusterSpec(ApiModel):
 # --------------------------------------------------------------------------- parallelism, policy
 
 
+class LoraSpec(ApiModel):
+    """LoRA adapters (PEFT) instead of full fine-tuning of PPO's policy and value model."""
+
+    rank: int = Field(default=8, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: float = Field(
+        default=16, gt=0, le=4096, description="Scale: adapters add (alpha / rank) * B @ A."
+    )
+    target_modules: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Module names that get adapters (c_attn, q_proj, ...); PEFT's default for "
+        "the architecture if empty.",
+    )
+
+
 class ParallelismSpec(ApiModel):
     """How each stage is sharded over the workers (DeepSpeed ZeRO data parallelism)."""
 
@@ -571,6 +600,12 @@ class ParallelismSpec(ApiModel):
     precision: Precision = Field(default="bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward to save memory."
+    )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="Train LoRA adapters on PPO's policy and value model; the reference model "
+        "is the policy with its adapters off (one copy of the base weights). Full fine-tuning "
+        "if empty.",
     )
 
 
@@ -628,13 +663,26 @@ class Rule:
     field_path: str
 
 
+def ranks(spec: RLHFJobSpec) -> int:
+    """Data-parallel ranks (Ray Train workers): one per GPU, one per pod on CPU."""
+    workers = spec.cluster.workers
+    return workers.replicas * max(workers.gpus_per_worker, 1)
+
+
+RANKS_CEL = (
+    "(self.cluster.workers.replicas * (self.cluster.workers.gpusPerWorker > 0 ?"
+    " self.cluster.workers.gpusPerWorker : 1))"
+)
+RANKS_TEXT = "spec.cluster.workers.replicas x gpusPerWorker (one rank per GPU)"
+
+
 def _divides(schedule: TrainingSchedule, replicas: int) -> bool:
     micro = schedule.micro_batch_size or max(schedule.batch_size // replicas, 1)
     return schedule.batch_size % (micro * replicas) == 0
 
 
 def _divides_cel(stage: str) -> str:
-    s, r = f"self.stages.{stage}", "self.cluster.workers.replicas"
+    s, r = f"self.stages.{stage}", RANKS_CEL
     return (
         f"has({s}.microBatchSize) ? {s}.batchSize % ({s}.microBatchSize * {r}) == 0"
         f" : {s}.batchSize % {r} == 0"
@@ -832,29 +880,25 @@ RULES: tuple[Rule, ...] = (
     *(
         Rule(
             cel=_divides_cel(stage),
-            check=lambda s, stage=stage: _divides(
-                getattr(s.stages, stage), s.cluster.workers.replicas
-            ),
+            check=lambda s, stage=stage: _divides(getattr(s.stages, stage), ranks(s)),
             message=f"spec.stages.{stage}.batchSize must be a multiple of microBatchSize x "
-            "spec.cluster.workers.replicas; change the batch size or the micro-batch size.",
+            f"{RANKS_TEXT}; change the batch size or the micro-batch size.",
             field_path=f".stages.{stage}.batchSize",
         )
         for stage in ("sft", "reward")
     ),
     Rule(
         cel=f"!{_DPO_CEL} || ({_divides_cel('dpo')})",
-        check=lambda s: (
-            not s.stages.enabled("dpo") or _divides(s.stages.dpo, s.cluster.workers.replicas)
-        ),
+        check=lambda s: not s.stages.enabled("dpo") or _divides(s.stages.dpo, ranks(s)),
         message="spec.stages.dpo.batchSize must be a multiple of microBatchSize x "
-        "spec.cluster.workers.replicas; change the batch size or the micro-batch size.",
+        f"{RANKS_TEXT}; change the batch size or the micro-batch size.",
         field_path=".stages.dpo.batchSize",
     ),
     Rule(
-        cel="self.stages.ppo.rolloutBatchSize % self.cluster.workers.replicas == 0",
-        check=lambda s: s.stages.ppo.rollout_batch_size % s.cluster.workers.replicas == 0,
+        cel=f"self.stages.ppo.rolloutBatchSize % {RANKS_CEL} == 0",
+        check=lambda s: s.stages.ppo.rollout_batch_size % ranks(s) == 0,
         message="spec.stages.ppo.rolloutBatchSize must be a multiple of "
-        "spec.cluster.workers.replicas (each worker rolls out an equal share).",
+        f"{RANKS_TEXT}: each rank rolls out an equal share.",
         field_path=".stages.ppo.rolloutBatchSize",
     ),
 )

@@ -63,9 +63,11 @@ def chosen_prompts(job: RLHFJob, rows: datasets.Dataset, world_size: int) -> dat
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     rows, _ = eval_prompts(job)
-    if len(rows) < job.spec.cluster.workers.replicas:
+    from rlhf_operator.api.spec import ranks
+
+    if len(rows) < ranks(job.spec):
         raise UserError(
-            f"{FIELD}.prompts: {len(rows)} prompts for {job.spec.cluster.workers.replicas} "
+            f"{FIELD}.prompts: {len(rows)} prompts for {ranks(job.spec)} "
             "workers; give at least one prompt per worker."
         )
     if job.spec.stages.evaluation.num_prompts < job.spec.cluster.workers.replicas:
@@ -207,33 +209,48 @@ def train_loop(config: dict[str, Any]) -> None:
     rlhf_uri, rlhf_field = tuned_source(job)
     sft_revision = model_revision(job, sft_uri)
     loaders = {
-        "sft": (sft_uri, sft_field, lambda: load_causal_lm(sft_uri, sft_field, sft_revision)),
-        "rlhf": (rlhf_uri, rlhf_field, lambda: load_causal_lm(rlhf_uri, rlhf_field)),
+        "sft": (
+            sft_uri,
+            sft_field,
+            lambda dtype: load_causal_lm(sft_uri, sft_field, sft_revision, dtype=dtype),
+        ),
+        "rlhf": (
+            rlhf_uri,
+            rlhf_field,
+            lambda dtype: load_causal_lm(rlhf_uri, rlhf_field, dtype=dtype),
+        ),
         "reward": (
             reward_uri,
             reward_field,
-            lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label),
+            lambda dtype: load_reward_head(
+                reward_uri, reward_field, spec.stages.reward.positive_label, dtype
+            ),
         ),
     }
     lexicon = None
     if judge_spec is not None and judge_spec.model:
         judge_field = f"{judges.FIELD}.model"
-        loaders["judge"] = (judge_spec.model, judge_field, lambda: judges.load_model(judge_spec))
+        loaders["judge"] = (
+            judge_spec.model,
+            judge_field,
+            lambda _dtype: judges.load_model(judge_spec),
+        )  # the judge keeps its own precision
     elif judge_spec is not None:
         lexicon = judges.LexiconJudge(judges.read_lexicon(judge_spec.lexicon))
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(*tokenizer_source(job, sft_uri, sft_field))
-        plans, models = {}, {}
-        for name, (uri, field, load) in loaders.items():
-            plans[name] = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
+    models, engines = {}, {}
+    for name, (uri, field, load) in loaders.items():  # each engine made before the next load
+        with worker.timed("model_load"):
+            plan = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
                 spec.parallelism,
                 use_gpu=worker.use_gpu,
                 world_size=worker.world_size,
                 hidden_size=hidden_size(uri, field, model_revision(job, uri)),
             )
-            models[name] = plans[name].build(load)
-    with worker.timed("deepspeed_init"):
-        engines = {name: plans[name].initialize(model) for name, model in models.items()}
+            models[name] = plan.build(lambda load=load, plan=plan: load(plan.dtype))
+        with worker.timed("deepspeed_init"):
+            engines[name] = plan.initialize(models[name])
     device = engines["sft"].device
 
     def scorer(name: str, uri: str, field: str) -> RewardScorer:

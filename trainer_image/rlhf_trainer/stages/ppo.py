@@ -124,6 +124,26 @@ class Rollout:
 
 
 @torch.no_grad()
+def forward_passes(samples: Samples, engines: dict[str, Any], reward: RewardScorer, temperature):
+    """(policy log-probs, policy entropy, reference log-probs, values) `[B, T-1]` and reward
+    scores `[B]` of one micro-batch."""
+    from rlhf_trainer.models import token_entropy, token_logprobs
+
+    ids, attention = samples.input_ids, samples.attention_mask
+    policy_logits = engines["policy"](input_ids=ids, attention_mask=attention).logits
+    logprobs = token_logprobs(policy_logits, ids, temperature)
+    entropy = token_entropy(policy_logits, temperature)
+    del policy_logits
+    reference = token_logprobs(
+        engines["reference"](input_ids=ids, attention_mask=attention).logits, ids, temperature
+    )
+    values = None  # critic-free algorithms have no value model
+    if "value" in engines:
+        values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
+    return logprobs, entropy, reference, values, reward(ids, attention)
+
+
+@torch.no_grad()
 def score(
     samples: Samples,
     engines: dict[str, Any],
@@ -135,24 +155,21 @@ def score(
 ) -> Rollout:
     """Score a batch of samples. `eos_id`: the policy's EOS, for `missingEosPenalty`; `reduce`:
     sums over all workers (REINFORCE++ whitens over the global batch)."""
+    from rlhf_trainer.generation import chunks
     from rlhf_trainer.losses import kl_penalty, masked_mean, masked_sum
-    from rlhf_trainer.models import token_entropy, token_logprobs
     from rlhf_trainer.stages.advantages import advantages_and_returns
 
-    ids, attention = samples.input_ids, samples.attention_mask
     actions = samples.action_mask
-    temperature = ppo.generation.temperature
-    policy_logits = engines["policy"](input_ids=ids, attention_mask=attention).logits
-    logprobs = token_logprobs(policy_logits, ids, temperature)
-    entropy = masked_mean(token_entropy(policy_logits, temperature), actions)
-    del policy_logits
-    reference = token_logprobs(
-        engines["reference"](input_ids=ids, attention_mask=attention).logits, ids, temperature
+    # `rolloutMicroBatchSize` sequences per forward pass: the [B, T, vocab] logits are the
+    # largest tensor of a rollout; only the per-token results of all passes are kept.
+    passes = [
+        forward_passes(samples.part(rows), engines, reward, ppo.generation.temperature)
+        for rows in chunks(samples.input_ids.shape[0], ppo.rollout_micro_batch_size)
+    ]
+    logprobs, entropy, reference, values, raw_scores = (
+        None if parts[0] is None else torch.cat(parts) for parts in zip(*passes, strict=True)
     )
-    values = None
-    if "value" in engines:
-        values = engines["value"](input_ids=ids, attention_mask=attention)[:, :-1]
-    raw_scores = reward(ids, attention)
+    entropy = masked_mean(entropy, actions)
     scores = eos_penalised(raw_scores, samples, eos_id, ppo.missing_eos_penalty)
     kl = kl_penalty(logprobs, reference, "k1")
     advantages, returns = advantages_and_returns(ppo, scores, kl, actions, kl_coef, values, reduce)
@@ -222,8 +239,11 @@ def update(
 
 @dataclass
 class Models:
-    """The RL stage's models (PPO's four; three for critic-free algorithms), each built for its
-    engine (under ZeRO-3: partitioned as built)."""
+    """The RL stage's models (PPO's four; three for critic-free algorithms) and their DeepSpeed
+    engines (under ZeRO-3: partitioned as built).
+
+    With LoRA (`spec.parallelism.lora`) the reference "engine" is the policy engine with its
+    adapters off (lora.AdaptersOff): one copy of the base weights serves both."""
 
     tokenizer: Any
     """The policy's."""
@@ -231,13 +251,19 @@ class Models:
     """The reward model's own, when its vocabulary differs (reward_model.py)."""
     plans: dict[str, Any]
     modules: dict[str, torch.nn.Module]
+    engines: dict[str, Any]
 
 
 def load_models(worker: Any, mini_batch: int) -> Models:
     """Policy and reference from the SFT model; reward model; for ppo only, the value model from
     the reward model when it can start one, else from the SFT model with a fresh scalar head
-    (logged). Critic-free algorithms load no value model at all (the memory is the point)."""
+    (logged). Critic-free algorithms load no value model at all (the memory is the point).
+
+    Each model is loaded in the spec's precision and handed to its DeepSpeed engine before the
+    next one is loaded, so a worker's host memory never holds more than one model it does not
+    need (four fp32 copies of a 6B model would be ~96 GB)."""
     from rlhf_trainer import engine as ds
+    from rlhf_trainer import lora as peft_lora
     from rlhf_trainer.models import (
         disable_dropout,
         hidden_size,
@@ -256,42 +282,44 @@ def load_models(worker: Any, mini_batch: int) -> Models:
 
     spec = worker.job.spec
     ppo = spec.stages.ppo
+    lora = spec.parallelism.lora
     policy_uri, policy_field = policy_source(worker.job)
     reward_uri, reward_field = reward_source(worker.job)
+    plans: dict[str, Any] = {}
+    modules: dict[str, torch.nn.Module] = {}
+    engines: dict[str, Any] = {}
 
     def revision(uri: str) -> str | None:  # spec.model.revision where the base is loaded
         return model_revision(worker.job, uri)
 
-    def plan(uri: str, field: str, learning_rate: float | None = None):
-        return ds.plan_engine(
-            spec.parallelism,
-            use_gpu=worker.use_gpu,
-            world_size=worker.world_size,
-            hidden_size=hidden_size(uri, field, revision(uri)),
-            micro_batch=mini_batch,
-            learning_rate=learning_rate,  # None: frozen
-        )
+    def load(name: str, uri: str, field: str, build, learning_rate: float | None = None) -> None:
+        """Plan, build and wrap one model (`build(dtype)` loads it)."""
+        with worker.timed("model_load"):
+            plans[name] = plan = ds.plan_engine(
+                spec.parallelism,
+                use_gpu=worker.use_gpu,
+                world_size=worker.world_size,
+                hidden_size=hidden_size(uri, field, revision(uri)),
+                micro_batch=mini_batch,
+                learning_rate=learning_rate,  # None: frozen
+            )
+            modules[name] = plan.build(lambda: build(plan.dtype))
+        with worker.timed("deepspeed_init"):
+            engines[name] = plan.initialize(modules[name])
 
-    tokenizer = load_tokenizer(*tokenizer_source(worker.job, policy_uri, policy_field))
-    reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
-    plans = {"reward": plan(reward_uri, reward_field)}
-    reward = plans["reward"].build(
-        lambda: load_reward_head(reward_uri, reward_field, spec.stages.reward.positive_label)
+    with worker.timed("model_load"):
+        tokenizer = load_tokenizer(*tokenizer_source(worker.job, policy_uri, policy_field))
+        reward_tokenizer = load_reward_tokenizer(reward_uri, reward_field, tokenizer)
+    load(
+        "reward",
+        reward_uri,
+        reward_field,
+        lambda dtype: load_reward_head(
+            reward_uri, reward_field, spec.stages.reward.positive_label, dtype
+        ),
     )
-    plans["policy"] = plan(policy_uri, policy_field, ppo.learning_rate)
-    plans["reference"] = plan(policy_uri, policy_field)
-    modules = {
-        "policy": plans["policy"].build(
-            lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
-        ),
-        "reference": plans["reference"].build(
-            lambda: load_causal_lm(policy_uri, policy_field, revision(policy_uri))
-        ),
-        "reward": reward,
-    }
-    disable_dropout(modules["policy"])
     if ppo.has_critic:
-        problem = value_init_problem(reward, reward_tokenizer is not None, reward_uri)
+        problem = value_init_problem(modules["reward"], reward_tokenizer is not None, reward_uri)
         value_uri, value_field = (
             (reward_uri, reward_field) if problem is None else policy_source(worker.job)
         )
@@ -301,14 +329,46 @@ def load_models(worker: Any, mini_batch: int) -> Models:
                 value_field,
                 problem,
             )
-        plans["value"] = plan(value_uri, value_field, ppo.value_learning_rate or ppo.learning_rate)
-        modules["value"] = plans["value"].build(
-            lambda: load_scalar_model(
-                value_uri, value_field, tokenizer.pad_token_id, revision(value_uri)
+
+        def value_model(dtype):
+            model = load_scalar_model(
+                value_uri, value_field, tokenizer.pad_token_id, revision(value_uri), dtype
             )
+            disable_dropout(model)
+            if lora is not None:
+                peft_lora.add_value_adapters(model, lora, spec.seed, value_field)
+            return model
+
+        value_rate = ppo.value_learning_rate or ppo.learning_rate
+        load("value", value_uri, value_field, value_model, value_rate)
+
+    def policy_model(dtype):
+        model = load_causal_lm(policy_uri, policy_field, revision(policy_uri), dtype=dtype)
+        disable_dropout(model)
+        if lora is not None:
+            model = peft_lora.add_policy_adapters(model, lora, spec.seed, policy_field)
+        return model
+
+    load("policy", policy_uri, policy_field, policy_model, ppo.learning_rate)
+    if lora is not None:
+        engines["reference"] = peft_lora.AdaptersOff(engines["policy"])
+        if worker.is_main:
+            logger.info(
+                "ppo: LoRA rank %d trains %.2f%% of the policy's parameters; the reference is "
+                "the policy with its adapters off",
+                lora.rank,
+                100 * peft_lora.trainable_fraction(modules["policy"]),
+            )
+    else:
+        load(
+            "reference",
+            policy_uri,
+            policy_field,
+            lambda dtype: load_causal_lm(
+                policy_uri, policy_field, revision(policy_uri), dtype=dtype
+            ),
         )
-        disable_dropout(modules["value"])
-    return Models(tokenizer, reward_tokenizer, plans, modules)
+    return Models(tokenizer, reward_tokenizer, plans, modules, engines)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -327,13 +387,9 @@ def train_loop(config: dict[str, Any]) -> None:
     group = ppo.samples_per_prompt
     per_worker = ppo.rollout_batch_size // worker.world_size * group
     mini_batch = min(ppo.mini_batch_size or per_worker, per_worker)
-    with worker.timed("model_load"):
-        models = load_models(worker, mini_batch)
+    models = load_models(worker, mini_batch)  # times model_load and deepspeed_init
     tokenizer, reward_tokenizer = models.tokenizer, models.reward_tokenizer
-    with worker.timed("deepspeed_init"):
-        engines = {
-            name: models.plans[name].initialize(module) for name, module in models.modules.items()
-        }
+    engines = models.engines
     device = engines["policy"].device
     scorer = RewardScorer(
         engines["reward"],
@@ -352,7 +408,6 @@ def train_loop(config: dict[str, Any]) -> None:
     start = worker.resumed_from_step or 0
     worker.start_progress(ppo.steps)
     batches = BatchPlan(len(prompts), ppo.rollout_batch_size, worker.world_size, spec.seed)
-    synced = spec.parallelism.zero_stage == 3
     metrics: dict[str, float] = {}
     with worker.timed("train"):
         for step in range(start, ppo.steps):
@@ -360,14 +415,19 @@ def train_loop(config: dict[str, Any]) -> None:
             texts = prompts[batches.rows(step, worker.rank)][ppo.prompts.prompt_field]
             texts = [text for text in texts for _ in range(group)]  # each group adjacent
             with worker.timed("rollout"):
-                samples = sample(
-                    engines["policy"].module,
-                    tokenizer,
-                    prompt_ids(tokenizer, texts, ppo.max_prompt_len, ppo.prompts.truncation_side),
-                    ppo.generation,
-                    synced_gpus=synced,
-                    device=device,
-                )
+                zero_stage = spec.parallelism.zero_stage
+                with ds.generation_model(engines["policy"], zero_stage) as (model, synced):
+                    samples = sample(
+                        model,
+                        tokenizer,
+                        prompt_ids(
+                            tokenizer, texts, ppo.max_prompt_len, ppo.prompts.truncation_side
+                        ),
+                        ppo.generation,
+                        synced_gpus=synced,
+                        device=device,
+                        micro_batch=ppo.rollout_micro_batch_size,
+                    )
                 rollout = score(
                     samples, engines, scorer, ppo, kl_control.value, tokenizer.eos_token_id, all_sum
                 )

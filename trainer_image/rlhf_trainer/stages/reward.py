@@ -88,7 +88,9 @@ def train_loop(config: dict[str, Any]) -> None:
             warmup_steps=schedule.warmup_steps,
         )
         model = engine_plan.build(
-            lambda: load_scalar_model(backbone, field, tokenizer.pad_token_id, revision)
+            lambda: load_scalar_model(
+                backbone, field, tokenizer.pad_token_id, revision, engine_plan.dtype
+            )
         )
     with worker.timed("deepspeed_init"):
         engine = engine_plan.initialize(model)

@@ -70,7 +70,9 @@ def train_loop(config: dict[str, Any]) -> None:
             total_steps=schedule.total_steps,
             warmup_steps=schedule.warmup_steps,
         )
-        model = engine_plan.build(lambda: load_causal_lm(base, "spec.model.base", revision))
+        model = engine_plan.build(
+            lambda: load_causal_lm(base, "spec.model.base", revision, engine_plan.dtype)
+        )
     with worker.timed("deepspeed_init"):
         engine = engine_plan.initialize(model)
     device = engine.device

@@ -1,0 +1,71 @@
+"""`rlhf plan`: stage memory from the model's config alone (no weights, no GPU), the fit verdict
+and the setting that would make a stage fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from rlhf_trainer.cli import main
+from rlhf_trainer.jobspec import parse_job
+from rlhf_trainer.plan import GiB, gpu_memory_from_spec, parse_bytes, plan_stages
+
+REPO = Path(__file__).resolve().parents[2]
+GPTJ = REPO / "examples" / "hh-rlhf-gptj.yaml"
+
+
+def _job(path: Path, **parallelism):
+    manifest = yaml.safe_load(path.read_text())
+    manifest["spec"]["parallelism"].update(parallelism)
+    return parse_job(manifest)
+
+
+def _ppo(job) -> int:
+    (ppo,) = [p for p in plan_stages(job) if p.stage == "ppo"]
+    return ppo.gpu_bytes
+
+
+def test_gptj_ppo_does_not_fit_40gb_and_the_plan_says_what_would(capsys) -> None:
+    assert main(["plan", str(GPTJ), "--gpu-memory", "40GiB"]) == 3
+    out = capsys.readouterr().out
+    assert "EleutherAI/gpt-j-6b: 6,050.9M parameters (config: rlhf plan's built-in table)" in out
+    (ppo,) = [line for line in out.splitlines() if line.strip().startswith("ppo ")]
+    assert "DOES NOT FIT" in ppo
+    assert "-> ppo fits with spec." in out
+
+
+def test_gptj_fits_the_80gb_gpus_its_manifest_selects(capsys) -> None:
+    assert main(["plan", str(GPTJ)]) == 0  # 80 GB from nvidia.com/gpu.product
+    assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_sharding_offload_and_lora_each_lower_ppos_gpu_memory() -> None:
+    zero2 = _ppo(_job(GPTJ, zeroStage=2))
+    zero3 = _ppo(_job(GPTJ, zeroStage=3))
+    offloaded = _ppo(_job(GPTJ, zeroStage=3, offload="optimizer"))
+    lora = _ppo(_job(GPTJ, zeroStage=3, lora={"rank": 16}))
+    assert zero2 > zero3 > offloaded
+    assert zero3 > lora
+    # 2 trained 6B models in mixed precision under ZeRO-2 over 8 GPUs: 2 x 6.05e9 x (2 + 18/8)
+    # bytes of model states alone (DeepSpeed's estimator)
+    assert zero2 > 2 * 6.05e9 * (2 + 18 / 8)
+
+
+def test_a_local_model_is_sized_from_its_config(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    from tiny_jobs import tiny_manifest, write_manifest
+
+    path = write_manifest(tmp_path / "job.yaml", tiny_manifest(tiny_dir, tmp_path / "out"))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"(config: {tiny_dir / 'model'}/config.json)" in out
+    assert "per worker" in out  # CPU workers: host memory per worker
+
+
+def test_sizes_and_gpu_products() -> None:
+    assert parse_bytes("80GiB") == parse_bytes("80GB") == 80 * GiB
+    assert parse_bytes("512Mi") == 512 * 1024**2
+    job = _job(GPTJ)
+    assert gpu_memory_from_spec(job) == 80 * GiB
+    with pytest.raises(Exception, match="--gpu-memory"):
+        parse_bytes("lots")
