@@ -105,14 +105,12 @@ async def job_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
 async def raycluster_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    for owner in wake.owner_uids(body):
-        memo.wakeups.wake(owner)
+    memo.wakeups.wake_for_child(body)
 
 
 @kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
 async def rayjob_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    for owner in wake.owner_uids(body):
-        memo.wakeups.wake(owner)
+    memo.wakeups.wake_for_child(body)
 
 
 # A trainer's report (its job's RLHFJobProgress, owned by the job) is mirrored into the job's

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from rlhf_operator import settings
+from rlhf_operator import names, settings
 from rlhf_operator.api import API_VERSION, KIND, RLHFJobStatus, is_terminal
 from rlhf_operator.api.spec import ClusterSpec
 from rlhf_operator.reconcile.conditions import parse_time
@@ -38,14 +38,34 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid of its loop
 
-    def register(self, uid: str) -> asyncio.Event:
+    def register(self, uid: str, key: tuple[str, str] | None = None) -> asyncio.Event:
+        """The event of job `uid`'s loop; `key` = (namespace, name) lets `wake_named` find it."""
+        if key is not None:
+            self._uids[key] = uid
         return self._events.setdefault(uid, asyncio.Event())
 
     def forget(self, uid: str, event: asyncio.Event | None = None) -> None:
         """Drop `uid`'s event (only if it is still `event`, when given: a newer loop's stays)."""
         if event is None or self._events.get(uid) is event:
             self._events.pop(uid, None)
+            self._uids = {key: u for key, u in self._uids.items() if u != uid}
+
+    def wake_named(self, namespace: str, name: str) -> bool:
+        """Wake the loop of the job called `name` in `namespace` (whatever its uid)."""
+        return self.wake(self._uids.get((namespace, name)))
+
+    def wake_for_child(self, body: Mapping[str, Any]) -> None:
+        """A RayCluster/RayJob changed: wake its owners, and the job its name belongs to (the
+        `rlhf.dev/job` label) — a re-applied job waits for its predecessor's child at its
+        name to go, and that child is not the new job's."""
+        for owner in owner_uids(body):
+            self.wake(owner)
+        meta = body.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(names.LABEL_JOB)
+        if job:
+            self.wake_named(meta.get("namespace") or "", job)
 
     def wake(self, uid: str | None) -> bool:
         """Wake the loop of job `uid`; False when it has none (gone, or not started yet: a new
@@ -142,7 +162,8 @@ async def reconcile_loop(
     after `error_backoff` seconds, doubling up to `resync`; it never ends the loop (kopf would
     not restart a daemon that failed for good).
     """
-    event = wakeups.register(uid)
+    meta = body.get("metadata") or {}
+    event = wakeups.register(uid, (meta.get("namespace") or "", meta.get("name") or ""))
     loop = asyncio.get_running_loop()
     failures = 0
     try:

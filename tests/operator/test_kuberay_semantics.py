@@ -147,7 +147,7 @@ async def test_a_cluster_without_gpus_says_why_then_fails_at_its_deadline_and_is
     # The head (no GPU) runs; the GPU workers never schedule. KubeRay's own conditions only
     # say "provisioning": the reason is in the pods and the scheduler's Events.
     kuberay.provisioning = lambda cluster: NO_GPUS
-    gpus = {"workers": {"replicas": 2, "gpusPerWorker": 8}, "provisionTimeoutSeconds": 60}
+    gpus = {"workers": {"replicas": 2, "gpusPerWorker": 1}, "provisionTimeoutSeconds": 60}
     await create_job(api, sample_job("starved", cluster=gpus))
     waiting = lambda: "Insufficient nvidia.com/gpu" in condition(  # noqa: E731
         api, "starved", "ClusterReady").get("message", "")  # fmt: skip

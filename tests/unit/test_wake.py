@@ -109,3 +109,22 @@ async def test_a_failing_reconcile_is_retried_and_never_ends_the_loop() -> None:
     assert len(runs) == 3  # two failures retried (0.01 s, 0.02 s), then at rest
     loop.cancel()
     await asyncio.gather(loop, return_exceptions=True)
+
+
+def test_a_child_wakes_its_owner_and_the_job_at_its_name() -> None:
+    """A re-applied job (new uid) waits for its predecessor's RayJob at its name to go: that
+    child's events must wake the new job too, not only its owner (the old uid, gone)."""
+    wakeups = wake.Wakeups()
+    new = wakeups.register("new-uid", ("ns", "redo"))
+    other = wakeups.register("other-uid", ("ns", "other"))
+    child = {
+        "metadata": {
+            "namespace": "ns",
+            "labels": {"rlhf.dev/job": "redo"},
+            "ownerReferences": [{"apiVersion": API_VERSION, "kind": KIND, "uid": "old-uid"}],
+        }
+    }
+    wakeups.wake_for_child(child)
+    assert new.is_set() and not other.is_set()
+    wakeups.forget("new-uid", new)
+    assert not wakeups.wake_named("ns", "redo")  # its loop ended: nothing left to wake
