@@ -51,6 +51,23 @@ SCHEMA_ERRORS = [
     ({"storage": {"secretRef": {"name": "UPPER"}}}, "spec.storage.secretRef.name"),
     ({"stages": {"sft": {"epocs": 2}}}, "spec.stages.sft.epocs: unknown field"),
     ({"model": {"base": ""}}, "spec.model.base"),
+    ({"stages": {"ppo": {"rollout": {"engine": "sglang"}}}}, "spec.stages.ppo.rollout.engine"),
+    (
+        {"stages": {"evaluation": {"rollout": {"engine": "trt"}}}},
+        "spec.stages.evaluation.rollout.engine",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"gpuMemoryUtilization": 1.5}}}}},
+        "spec.stages.ppo.rollout.vllm.gpuMemoryUtilization",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"maxNumSeqs": 0}}}}},
+        "spec.stages.ppo.rollout.vllm.maxNumSeqs",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"enablePrefixCaching": "maybe"}}}}},
+        "spec.stages.ppo.rollout.vllm.enablePrefixCaching",
+    ),
     (
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",
@@ -99,6 +116,14 @@ RULE_ERRORS = [
     ({"parallelism": {"precision": "fp16"}}, "spec.parallelism.precision: fp16 needs GPUs"),
     ({"stages": {"sft": {"batchSize": 7}}}, "spec.stages.sft.batchSize must be a multiple"),
     ({"stages": {"ppo": {"rolloutBatchSize": 9}}}, "spec.stages.ppo.rolloutBatchSize"),
+    (
+        {"stages": {"ppo": {"rollout": {"engine": "vllm", "vllm": {"tensorParallelSize": 3}}}}},
+        "spec.stages.ppo.rollout.vllm.tensorParallelSize must divide",
+    ),
+    (
+        {"stages": {"evaluation": {"rollout": {"vllm": {"tensorParallelSize": 4}}}}},
+        "spec.stages.evaluation.rollout.vllm.tensorParallelSize must divide",
+    ),
     (
         {"stages": {"reward": {"positiveLabel": "POSITIVE"}}},
         "spec.stages.reward.positiveLabel picks a label of a pretrained classifier",

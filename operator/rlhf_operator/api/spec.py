@@ -168,6 +168,46 @@ class GenerationSpec(ApiModel):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling; 1 disables it.")
 
 
+RolloutEngineName = Literal["hf", "vllm"]
+
+
+class VLLMSpec(ApiModel):
+    """The vLLM engine's settings (`engine: vllm`); it runs in each worker beside the policy."""
+
+    gpu_memory_utilization: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU vLLM may take for weights and KV cache (the rest is "
+        "training's). CPU workers: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (default 1).",
+    )
+    max_num_seqs: int = Field(
+        default=256, ge=1, le=65536, description="Most sequences vLLM decodes in one batch."
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Workers sharing one vLLM engine (tensor parallel); divides "
+        "spec.cluster.workers.replicas.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=False, description="Reuse the KV cache of shared prompt prefixes."
+    )
+
+
+class RolloutSpec(ApiModel):
+    """Which engine samples responses: transformers' generate, or vLLM (PagedAttention,
+    continuous batching) with the policy's weights loaded into it before every rollout."""
+
+    engine: RolloutEngineName = Field(
+        default="hf",
+        description="hf: transformers generate; vllm: vLLM colocated with the policy "
+        "(needs the trainer's vllm extra).",
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM settings.")
+
+
 class PPOStage(ApiModel):
     """Proximal Policy Optimisation of the SFT policy against the reward model."""
 
@@ -203,6 +243,9 @@ class PPOStage(ApiModel):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Sampling for rollouts."
     )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="Engine that samples the rollouts."
+    )
     checkpoint_every_steps: int = Field(
         default=20, ge=1, description="Save a resumable checkpoint every this many iterations."
     )
@@ -221,6 +264,9 @@ class EvaluationStage(ApiModel):
     )
     generation: GenerationSpec | None = Field(
         default=None, description="Sampling settings; defaults to PPO's."
+    )
+    rollout: RolloutSpec | None = Field(
+        default=None, description="Engine that samples the responses; defaults to PPO's."
     )
 
 
@@ -492,6 +538,27 @@ RULES: tuple[Rule, ...] = (
         message="spec.stages.ppo.rolloutBatchSize must be a multiple of "
         "spec.cluster.workers.replicas (each worker rolls out an equal share).",
         field_path=".stages.ppo.rolloutBatchSize",
+    ),
+    Rule(
+        cel="self.cluster.workers.replicas % self.stages.ppo.rollout.vllm.tensorParallelSize == 0",
+        check=lambda s: (
+            s.cluster.workers.replicas % s.stages.ppo.rollout.vllm.tensor_parallel_size == 0
+        ),
+        message="spec.stages.ppo.rollout.vllm.tensorParallelSize must divide "
+        "spec.cluster.workers.replicas (each group of that many workers shares one engine).",
+        field_path=".stages.ppo.rollout.vllm.tensorParallelSize",
+    ),
+    Rule(
+        cel="!has(self.stages.evaluation.rollout) || self.cluster.workers.replicas"
+        " % self.stages.evaluation.rollout.vllm.tensorParallelSize == 0",
+        check=lambda s: (
+            s.stages.evaluation.rollout is None
+            or s.cluster.workers.replicas % s.stages.evaluation.rollout.vllm.tensor_parallel_size
+            == 0
+        ),
+        message="spec.stages.evaluation.rollout.vllm.tensorParallelSize must divide "
+        "spec.cluster.workers.replicas (each group of that many workers shares one engine).",
+        field_path=".stages.evaluation.rollout.vllm.tensorParallelSize",
     ),
 )
 
