@@ -61,6 +61,17 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     if check_upstream or reward_field.endswith(".model"):
         check_model_path(reward_uri, reward_field)
     check_positive_label(job)
+    if (job.spec.stages.evaluation.rollout or job.spec.stages.ppo.rollout).engine == "vllm":
+        from rlhf_trainer.rollout.vllm import check_installed
+
+        check_installed(rollout_field(job))
+
+
+def rollout_field(job: RLHFJob) -> str:
+    """The spec field that chose evaluation's engine (its own, else PPO's)."""
+    if job.spec.stages.evaluation.rollout is not None:
+        return f"{FIELD}.rollout.engine"
+    return "spec.stages.ppo.rollout.engine"
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -124,7 +135,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import prompt_ids
-    from rlhf_trainer.generation import decode, sample
+    from rlhf_trainer.generation import decode
     from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer
     from rlhf_trainer.reward_model import (
         RewardScorer,
@@ -132,6 +143,7 @@ def train_loop(config: dict[str, Any]) -> None:
         load_reward_tokenizer,
         max_length,
     )
+    from rlhf_trainer.rollout import Sampling, make_engine
     from rlhf_trainer.worker import StageWorker, gather_objects
 
     worker = StageWorker.start(config)
@@ -181,6 +193,24 @@ def train_loop(config: dict[str, Any]) -> None:
         reward_tokenizer,
         max_length(reward_tokenizer, models["reward"].model) if reward_tokenizer else None,
     )
+    with worker.timed("rollout_engine_init"):
+        # One engine samples both policies: vllm starts from the SFT weights and takes each
+        # policy's weights before its pass (the PPO weight sync).
+        rollout = evaluation.rollout or spec.stages.ppo.rollout
+        sampler = make_engine(
+            rollout,
+            rollout_field(worker.job).removesuffix(".engine"),
+            model_uri=sft_uri,
+            tokenizer=tokenizer,
+            module=engines["sft"].module,
+            device=device,
+            zero_stage=spec.parallelism.zero_stage,
+            precision=spec.parallelism.precision,
+            max_model_len=spec.stages.ppo.max_prompt_len + generation.max_new_tokens,
+            seed=spec.seed,
+            rank=worker.rank,
+            world_size=worker.world_size,
+        )
     passes = [mine[i : i + PROMPTS_PER_PASS] for i in range(0, len(mine), PROMPTS_PER_PASS)]
     worker.start_progress(len(passes))
     results: list[dict[str, Any]] = []
@@ -192,14 +222,8 @@ def train_loop(config: dict[str, Any]) -> None:
             outputs = {}
             for policy in ("sft", "rlhf"):
                 worker.sampling_seed(2 * index + (policy == "rlhf"))
-                samples = sample(
-                    engines[policy].module,
-                    tokenizer,
-                    ids,
-                    generation,
-                    synced_gpus=spec.parallelism.zero_stage == 3,
-                    device=device,
-                )
+                sampler.load_weights(engines[policy])
+                samples = sampler.generate(ids, Sampling.of(generation))
                 rewards = scorer(samples.input_ids, samples.attention_mask)
                 outputs[policy] = (
                     [decode(tokenizer, r) for r in samples.responses],

@@ -61,6 +61,10 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
         if check_upstream or field.startswith("spec.model") or field.endswith(".model"):
             check_model_path(uri, field)
     check_positive_label(job)
+    if ppo.rollout.engine == "vllm":
+        from rlhf_trainer.rollout.vllm import check_installed
+
+        check_installed(f"{FIELD}.rollout.engine")
 
 
 def token_rewards(
@@ -249,9 +253,9 @@ def load_models(worker: Any, mini_batch: int) -> Models:
 def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, prompt_ids
-    from rlhf_trainer.generation import sample
     from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
     from rlhf_trainer.reward_model import RewardScorer, max_length
+    from rlhf_trainer.rollout import Sampling, make_engine
     from rlhf_trainer.worker import StageWorker, all_mean
 
     worker = StageWorker.start(config)
@@ -286,21 +290,32 @@ def train_loop(config: dict[str, Any]) -> None:
     start = worker.resumed_from_step or 0
     worker.start_progress(ppo.steps)
     batches = BatchPlan(len(prompts), ppo.rollout_batch_size, worker.world_size, spec.seed)
-    synced = spec.parallelism.zero_stage == 3
+    with worker.timed("rollout_engine_init"):
+        rollouts = make_engine(
+            ppo.rollout,
+            f"{FIELD}.rollout",
+            model_uri=policy_source(worker.job)[0],
+            tokenizer=tokenizer,
+            module=engines["policy"].module,
+            device=device,
+            zero_stage=spec.parallelism.zero_stage,
+            precision=spec.parallelism.precision,
+            max_model_len=ppo.max_prompt_len + ppo.generation.max_new_tokens,
+            seed=spec.seed,
+            rank=worker.rank,
+            world_size=worker.world_size,
+        )
     metrics: dict[str, float] = {}
     with worker.timed("train"):
         for step in range(start, ppo.steps):
             worker.sampling_seed(step)
             texts = prompts[batches.rows(step, worker.rank)][ppo.prompts.prompt_field]
             with worker.timed("rollout"):
-                samples = sample(
-                    engines["policy"].module,
-                    tokenizer,
-                    prompt_ids(tokenizer, texts, ppo.max_prompt_len),
-                    ppo.generation,
-                    synced_gpus=synced,
-                    device=device,
+                rollouts.load_weights(engines["policy"])  # vllm: this step's policy weights
+                samples = rollouts.generate(
+                    prompt_ids(tokenizer, texts, ppo.max_prompt_len), Sampling.of(ppo.generation)
                 )
+                rollouts.sleep()  # vllm on GPU: free its KV cache while the policy trains
                 rollout = score(samples, engines, scorer, ppo, kl_control.value)
             with worker.timed("update"):
                 policy_loss, value_loss, clip_fraction, approx_kl = update(

