@@ -88,6 +88,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         _torchrun_env(rank, world_size)
         tp = options.tensor_parallel_size
+        self.tp_group = _tp_group(tp, world_size) if tp > 1 else None
         from vllm.platforms import current_platform
 
         self.sleeps = current_platform.is_sleep_mode_available()
@@ -146,7 +147,10 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------- sampling
 
-    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
+    def complete(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, logprobs: bool = True
+    ) -> list[Completion]:
+        """`logprobs=False` (rollouts: PPO rescores with the policy) leaves them empty."""
         from vllm.inputs import TokensPrompt
 
         self._wake()
@@ -157,26 +161,51 @@ class VLLMEngine:
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=[self.eos_id],  # kept in token_ids, as generate keeps it
-            logprobs=0,  # the sampled token's own log-prob
+            logprobs=0 if logprobs else None,  # 0: the sampled token's own log-prob
             detokenize=False,
         )
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        mine = [list(p) for p in prompts]
+        if self.tp_group is not None:
+            # The workers of a tensor-parallel group run one engine in lockstep: each generates
+            # the whole group's prompts and keeps its own share (TRL's colocate mode).
+            import torch.distributed as dist
+
+            everyone: list[Any] = [None] * dist.get_world_size(self.tp_group)
+            dist.all_gather_object(everyone, mine, group=self.tp_group)
+            offset = sum(len(part) for part in everyone[: dist.get_rank(self.tp_group)])
+            prompts_all = [p for part in everyone for p in part]
+        else:
+            offset, prompts_all = 0, mine
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts_all]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = outputs[offset : offset + len(mine)]
         completions = []
         for output in outputs:
             sampled = output.outputs[0]
             tokens = list(sampled.token_ids)
-            logprobs = [
-                step[token].logprob for step, token in zip(sampled.logprobs, tokens, strict=True)
-            ]
-            completions.append(Completion(tokens, logprobs))
+            steps = sampled.logprobs or []
+            completions.append(
+                Completion(
+                    tokens, [step[t].logprob for step, t in zip(steps, tokens, strict=False)]
+                )
+            )
         return completions
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Samples:
         # As generation.sample: an empty prompt starts from EOS (GPT-2's beginning-of-text).
         prompts = [list(p) if len(p) else [self.eos_id] for p in prompts]
-        responses = [c.tokens for c in self.complete(prompts, sampling)]
+        responses = [c.tokens for c in self.complete(prompts, sampling, logprobs=False)]
         return pack(prompts, responses, self.pad_id).to(self.device)
+
+
+def _tp_group(tp: int, world_size: int):
+    """This worker's tensor-parallel group (consecutive ranks); every rank creates all groups."""
+    import torch.distributed as dist
+
+    group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(start, start + tp)) for start in range(0, world_size, tp)]
+    )
+    return group
 
 
 def _torchrun_env(rank: int, world_size: int) -> None:
