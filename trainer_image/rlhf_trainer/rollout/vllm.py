@@ -154,7 +154,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self._wake()
-        params = self.vllm.SamplingParams(
+        params = dict(
             n=1,
             temperature=sampling.temperature,
             top_k=sampling.top_k,  # 0: disabled, as in transformers
@@ -164,7 +164,10 @@ class VLLMEngine:
             logprobs=0 if logprobs else None,  # 0: the sampled token's own log-prob
             detokenize=False,
         )
-        mine = [list(p) for p in prompts]
+        # One seed per request, drawn from torch's RNG (which the worker seeds per step): a
+        # resumed stage samples what the interrupted one would have, as with `hf`.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        mine = [(list(p), seed) for p, seed in zip(prompts, seeds, strict=True)]
         if self.tp_group is not None:
             # The workers of a tensor-parallel group run one engine in lockstep: each generates
             # the whole group's prompts and keeps its own share (TRL's colocate mode).
@@ -176,8 +179,9 @@ class VLLMEngine:
             prompts_all = [p for part in everyone for p in part]
         else:
             offset, prompts_all = 0, mine
-        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts_all]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=p) for p, _ in prompts_all]
+        per_request = [self.vllm.SamplingParams(**params, seed=seed) for _, seed in prompts_all]
+        outputs = self.llm.generate(requests, per_request, use_tqdm=False)
         outputs = outputs[offset : offset + len(mine)]
         completions = []
         for output in outputs:
