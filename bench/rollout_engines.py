@@ -68,7 +68,6 @@ def make_models(workdir: Path) -> tuple[Path, Path]:
 
 def throughput(tiny: Path, big: Path, args: argparse.Namespace) -> list[str]:
     import torch
-    import torch.distributed as dist
     from rlhf_operator.api.spec import VLLMSpec
     from rlhf_trainer.batches import prompt_ids
     from rlhf_trainer.models import load_causal_lm, load_tokenizer
@@ -106,8 +105,6 @@ def throughput(tiny: Path, big: Path, args: argparse.Namespace) -> list[str]:
         seconds = time.perf_counter() - started
         lengths = [len(r) for r in samples.responses]
         figures[name] = (sum(lengths) / seconds, len(prompts) / seconds, lengths, seconds)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     lines = [
         f"rollout throughput: GPT-2 85M (768x12, fp32, 1 thread), {len(prompts)} prompts, "
         f"up to {args.max_new_tokens} new tokens, temperature 1, stop at EOS"

@@ -16,7 +16,12 @@ GREEDY = {"max_new_tokens": 12, "top_k": 1}  # top-k 1: greedy in both engines
 
 
 def _world_of_one() -> None:
+    import deepspeed.ops
     import torch.distributed as dist
+
+    # One process: DeepSpeed's shared-memory collectives (an op it JIT-compiles for minutes on
+    # first use) have nothing to share; torch.distributed's gloo serves.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
