@@ -3,9 +3,10 @@
 Colocated as TRL's colocate mode and OpenRLHF's hybrid engine do it: each worker (or each group
 of `tensorParallelSize` workers) holds its own engine, built once from the policy's starting
 weights. Before each rollout the policy's current weights are copied into it (`load_weights`:
-under ZeRO-3 gathered once per sync, then `model.load_weights`, the loader vLLM reads a
-checkpoint with). vLLM then samples with PagedAttention and continuous batching; the responses
-go back as token ids, and PPO recomputes their log-probs with the policy.
+under ZeRO-3 gathered once per sync, then vLLM's in-place `reload_weights`, in checkpoint
+format: the loader vLLM reads a checkpoint with, plus its post-load processing). vLLM then
+samples with PagedAttention and continuous batching; the responses go back as token ids, and
+PPO recomputes their log-probs with the policy.
 
 Between rollouts the engine sleeps where vLLM supports it (GPU platforms: its KV cache is freed
 and its weights offloaded to CPU memory while the policy trains). vLLM's CPU backend has no sleep
@@ -130,7 +131,11 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
         with gathered(engine, engine.zero_optimization_stage()):  # ZeRO-3: one gather per sync
             weights = [(name, param.detach()) for name, param in module.named_parameters()]
-            self.llm.apply_model(lambda model: model.load_weights(weights))
+            # In-place reload in checkpoint format: vLLM re-runs its post-load processing (the
+            # CPU backend repacks linear weights, which `model.load_weights` alone cannot refill).
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
         # Cached prefixes hold the old weights' keys and values.
         self.llm.reset_prefix_cache()
 
