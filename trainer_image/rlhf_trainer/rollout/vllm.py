@@ -88,6 +88,8 @@ class VLLMEngine:
             # The worker's threads are the trainer's (Ray sizes them): vLLM must not pin them.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         _torchrun_env(rank, world_size)
+        if device.type == "cpu":
+            _keep_cpu_linear_weights()
         tp = options.tensor_parallel_size
         self.tp_group = _tp_group(tp, world_size) if tp > 1 else None
         from vllm.platforms import current_platform
@@ -136,6 +138,9 @@ class VLLMEngine:
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
             )
+        if getattr(getattr(module, "config", None), "tie_word_embeddings", False):
+            # The reload fills the embedding but leaves a tied LM head on its old tensor.
+            self.llm.apply_model(_retie_lm_head)
         # Cached prefixes hold the old weights' keys and values.
         self.llm.reset_prefix_cache()
 
@@ -205,6 +210,38 @@ class VLLMEngine:
         prompts = [list(p) if len(p) else [self.eos_id] for p in prompts]
         responses = [c.tokens for c in self.complete(prompts, sampling, logprobs=False)]
         return pack(prompts, responses, self.pad_id).to(self.device)
+
+
+def _keep_cpu_linear_weights() -> None:
+    """vLLM's CPU backend packs each linear layer's weight into a oneDNN/sgl kernel and frees
+    the parameter after loading, so later loads (`reload_weights`) cannot reach it: the engine
+    would keep sampling from the first weights. Its own escape hatch (`_cpu_skip_gemm_dispatch`,
+    a layer left on torch's linear) keeps the weights loadable, at some decode speed."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    original = UnquantizedLinearMethod.process_weights_after_loading
+    if getattr(original, "_rlhf_keeps_weights", False):
+        return
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer._cpu_skip_gemm_dispatch = True
+        original(self, layer)
+
+    process_weights_after_loading._rlhf_keeps_weights = True  # type: ignore[attr-defined]
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+
+
+def _retie_lm_head(model: torch.nn.Module) -> None:
+    """Point a vLLM model's LM head at its (reloaded) input embedding again."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    head = getattr(model, "lm_head", None)
+    embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
+    if isinstance(head, ParallelLMHead) and embeddings:
+        head.tie_weights(embeddings[0])
 
 
 def _tp_group(tp: int, world_size: int):
