@@ -138,9 +138,8 @@ class VLLMEngine:
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
             )
-        if getattr(getattr(module, "config", None), "tie_word_embeddings", False):
-            # The reload fills the embedding but leaves a tied LM head on its old tensor.
-            self.llm.apply_model(_retie_lm_head)
+        tied = getattr(getattr(module, "config", None), "tie_word_embeddings", False)
+        self.llm.apply_model(lambda model: _refresh_lm_head(model, tied))
         # Cached prefixes hold the old weights' keys and values.
         self.llm.reset_prefix_cache()
 
@@ -231,17 +230,25 @@ def _keep_cpu_linear_weights() -> None:
     UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
 
 
-def _retie_lm_head(model: torch.nn.Module) -> None:
-    """Point a vLLM model's LM head at its (reloaded) input embedding again."""
+def _refresh_lm_head(model: torch.nn.Module, tied: bool) -> None:
+    """After a reload: a tied LM head points at the reloaded input embedding again (the reload
+    leaves it on its old tensor), and on CPU its GEMM kernel is rebuilt (it holds a packed copy
+    of the old weight)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
         VocabParallelEmbedding,
     )
 
     head = getattr(model, "lm_head", None)
+    if not isinstance(head, ParallelLMHead):
+        return
     embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
-    if isinstance(head, ParallelLMHead) and embeddings:
+    if tied and embeddings:
         head.tie_weights(embeddings[0])
+    if hasattr(head, "cpu_linear"):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(head, remove_weight=False)
 
 
 def _tp_group(tp: int, world_size: int):
