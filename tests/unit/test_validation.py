@@ -86,6 +86,23 @@ SCHEMA_ERRORS = [
     ({"parallelism": {"lora": {"rank": 0}}}, "spec.parallelism.lora.rank"),
     ({"parallelism": {"lora": {"alpha": -1}}}, "spec.parallelism.lora.alpha"),
     ({"parallelism": {"lora": {"targetModules": "c_attn"}}}, "spec.parallelism.lora.targetModules"),
+    ({"stages": {"ppo": {"rollout": {"engine": "sglang"}}}}, "spec.stages.ppo.rollout.engine"),
+    (
+        {"stages": {"evaluation": {"rollout": {"engine": "trt"}}}},
+        "spec.stages.evaluation.rollout.engine",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"gpuMemoryUtilization": 1.5}}}}},
+        "spec.stages.ppo.rollout.vllm.gpuMemoryUtilization",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"maxNumSeqs": 0}}}}},
+        "spec.stages.ppo.rollout.vllm.maxNumSeqs",
+    ),
+    (
+        {"stages": {"ppo": {"rollout": {"vllm": {"enablePrefixCaching": "maybe"}}}}},
+        "spec.stages.ppo.rollout.vllm.enablePrefixCaching",
+    ),
     (
         {"stages": {"reward": {"model": "rm", "positiveLabel": ""}}},
         "spec.stages.reward.positiveLabel",
@@ -207,6 +224,27 @@ RULE_ERRORS = [
         "rolloutBatchSize must be a multiple of spec.cluster.workers.replicas x gpusPerWorker",
     ),
     (
+        {"stages": {"ppo": {"rollout": {"engine": "vllm", "vllm": {"tensorParallelSize": 3}}}}},
+        "spec.stages.ppo.rollout.vllm.tensorParallelSize must divide",
+    ),
+    (
+        {"stages": {"evaluation": {"rollout": {"vllm": {"tensorParallelSize": 4}}}}},
+        "spec.stages.evaluation.rollout.vllm.tensorParallelSize must divide",
+    ),
+    (
+        # 1 pod x 2 GPUs = 2 ranks: one tensor-parallel pair is fine, 4 is not.
+        {
+            "stages": {"ppo": {"rollout": {"engine": "vllm", "vllm": {"tensorParallelSize": 4}}}},
+            "cluster": {"workers": {"replicas": 1, "gpusPerWorker": 2}},
+        },
+        "spec.stages.ppo.rollout.vllm.tensorParallelSize must divide spec.cluster.workers."
+        "replicas x gpusPerWorker",
+    ),
+    (
+        {"parallelism": {"lora": {}}, "stages": {"ppo": {"rollout": {"engine": "vllm"}}}},
+        "spec.stages.ppo.rollout.engine: vllm cannot sample from a LoRA policy",
+    ),
+    (
         {"stages": {"reward": {"positiveLabel": "POSITIVE"}}},
         "spec.stages.reward.positiveLabel picks a label of a pretrained classifier",
     ),
@@ -237,6 +275,12 @@ RULE_ERRORS = [
 @pytest.mark.parametrize(("spec", "text"), RULE_ERRORS, ids=[t for _, t in RULE_ERRORS])
 def test_cross_field_rules(spec: dict, text: str) -> None:
     assert any(text in p for p in problems(**spec)), problems(**spec)
+
+
+def test_lora_with_vllm_is_fine_when_only_evaluation_uses_vllm() -> None:
+    # Evaluation samples the saved, merged policy: plain transformers weights vLLM can load.
+    spec = {"parallelism": {"lora": {}}, "stages": {"evaluation": {"rollout": {"engine": "vllm"}}}}
+    assert problems(**spec) == []
 
 
 SEMANTIC_ERRORS = [

@@ -203,6 +203,46 @@ CRITIC_FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
+RolloutEngineName = Literal["hf", "vllm"]
+
+
+class VLLMSpec(ApiModel):
+    """The vLLM engine's settings (`engine: vllm`); it runs in each worker beside the policy."""
+
+    gpu_memory_utilization: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU vLLM may take for weights and KV cache (the rest is "
+        "training's). CPU workers: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (default 1).",
+    )
+    max_num_seqs: int = Field(
+        default=256, ge=1, le=65536, description="Most sequences vLLM decodes in one batch."
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Workers sharing one vLLM engine (tensor parallel); divides "
+        "spec.cluster.workers.replicas.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=False, description="Reuse the KV cache of shared prompt prefixes."
+    )
+
+
+class RolloutSpec(ApiModel):
+    """Which engine samples responses: transformers' generate, or vLLM (PagedAttention,
+    continuous batching) with the policy's weights loaded into it before every rollout."""
+
+    engine: RolloutEngineName = Field(
+        default="hf",
+        description="hf: transformers generate; vllm: vLLM colocated with the policy "
+        "(needs the trainer's vllm extra).",
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM settings.")
+
+
 class PPOStage(ApiModel):
     """The RL stage: the SFT policy optimised against the reward model by PPO (a learned value
     model) or a critic-free policy-gradient method (`algorithm`)."""
@@ -287,6 +327,9 @@ class PPOStage(ApiModel):
     )
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Sampling for rollouts."
+    )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="Engine that samples the rollouts."
     )
     checkpoint_every_steps: int = Field(
         default=20, ge=1, description="Save a resumable checkpoint every this many iterations."
@@ -432,6 +475,9 @@ class EvaluationStage(ApiModel):
         default=None,
         description="An independent judge scoring both policies beside the reward model; its "
         "win rate shows whether PPO's gains are real or reward hacking.",
+    )
+    rollout: RolloutSpec | None = Field(
+        default=None, description="Engine that samples the responses; defaults to PPO's."
     )
 
 
@@ -900,6 +946,39 @@ RULES: tuple[Rule, ...] = (
         message="spec.stages.ppo.rolloutBatchSize must be a multiple of "
         f"{RANKS_TEXT}: each rank rolls out an equal share.",
         field_path=".stages.ppo.rolloutBatchSize",
+    ),
+    Rule(
+        cel=f"{RANKS_CEL} % self.stages.ppo.rollout.vllm.tensorParallelSize == 0",
+        check=lambda s: ranks(s) % s.stages.ppo.rollout.vllm.tensor_parallel_size == 0,
+        message="spec.stages.ppo.rollout.vllm.tensorParallelSize must divide "
+        f"{RANKS_TEXT}: each group of that many ranks shares one engine.",
+        field_path=".stages.ppo.rollout.vllm.tensorParallelSize",
+    ),
+    Rule(
+        cel="!has(self.stages.evaluation.rollout) || "
+        f"{RANKS_CEL} % self.stages.evaluation.rollout.vllm.tensorParallelSize == 0",
+        check=lambda s: (
+            s.stages.evaluation.rollout is None
+            or ranks(s) % s.stages.evaluation.rollout.vllm.tensor_parallel_size == 0
+        ),
+        message="spec.stages.evaluation.rollout.vllm.tensorParallelSize must divide "
+        f"{RANKS_TEXT}: each group of that many ranks shares one engine.",
+        field_path=".stages.evaluation.rollout.vllm.tensorParallelSize",
+    ),
+    Rule(
+        # vLLM takes the policy's weights by their transformers names; a LoRA policy is a
+        # PeftModel (base_layer/lora_A names) vLLM cannot load. Evaluation is unaffected: it
+        # samples the saved (merged) policy.
+        cel="!self.stages.ppo.enabled || !has(self.parallelism.lora)"
+        " || self.stages.ppo.rollout.engine != 'vllm'",
+        check=lambda s: (
+            not s.stages.ppo.enabled
+            or s.parallelism.lora is None
+            or s.stages.ppo.rollout.engine != "vllm"
+        ),
+        message="spec.stages.ppo.rollout.engine: vllm cannot sample from a LoRA policy "
+        "(spec.parallelism.lora): set engine: hf, or remove spec.parallelism.lora.",
+        field_path=".stages.ppo.rollout.engine",
     ),
 )
 

@@ -83,6 +83,17 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
         check_model_path(reward_uri, reward_field)
     check_positive_label(job)
     judges.check(job.spec.stages.evaluation.judge)
+    if (job.spec.stages.evaluation.rollout or job.spec.stages.ppo.rollout).engine == "vllm":
+        from rlhf_trainer.rollout.vllm import check_installed
+
+        check_installed(rollout_field(job))
+
+
+def rollout_field(job: RLHFJob) -> str:
+    """The spec field that chose evaluation's engine (its own, else PPO's)."""
+    if job.spec.stages.evaluation.rollout is not None:
+        return f"{FIELD}.rollout.engine"
+    return "spec.stages.ppo.rollout.engine"
 
 
 def _compare(results: list[dict[str, Any]], sft_key: str, rlhf_key: str) -> tuple[float, ...]:
@@ -178,7 +189,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import prompt_ids
-    from rlhf_trainer.generation import decode, sample
+    from rlhf_trainer.generation import decode
     from rlhf_trainer.models import (
         hidden_size,
         load_causal_lm,
@@ -193,6 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
         load_reward_tokenizer,
         max_length,
     )
+    from rlhf_trainer.rollout import Sampling, make_engine
     from rlhf_trainer.worker import StageWorker, gather_objects
 
     worker = StageWorker.start(config)
@@ -261,6 +273,24 @@ def train_loop(config: dict[str, Any]) -> None:
     scorers = {"reward": scorer("reward", reward_uri, reward_field)}
     if "judge" in loaders:
         scorers["judge"] = scorer("judge", judge_spec.model, f"{judges.FIELD}.model")
+    with worker.timed("rollout_engine_init"):
+        # One engine samples both policies: vllm starts from the SFT weights and takes each
+        # policy's weights before its pass (the PPO weight sync).
+        rollout = evaluation.rollout or spec.stages.ppo.rollout
+        sampler = make_engine(
+            rollout,
+            rollout_field(worker.job).removesuffix(".engine"),
+            model_uri=sft_uri,
+            tokenizer=tokenizer,
+            module=engines["sft"].module,
+            device=device,
+            zero_stage=spec.parallelism.zero_stage,
+            precision=spec.parallelism.precision,
+            max_model_len=spec.stages.ppo.max_prompt_len + generation.max_new_tokens,
+            seed=spec.seed,
+            rank=worker.rank,
+            world_size=worker.world_size,
+        )
     passes = [mine[i : i + PROMPTS_PER_PASS] for i in range(0, len(mine), PROMPTS_PER_PASS)]
     worker.start_progress(len(passes))
     results: list[dict[str, Any]] = []
@@ -275,14 +305,8 @@ def train_loop(config: dict[str, Any]) -> None:
             outputs = {}
             for policy in ("sft", "rlhf"):
                 worker.sampling_seed(2 * index + (policy == "rlhf"))
-                samples = sample(
-                    engines[policy].module,
-                    tokenizer,
-                    ids,
-                    generation,
-                    synced_gpus=spec.parallelism.zero_stage == 3,
-                    device=device,
-                )
+                sampler.load_weights(engines[policy])
+                samples = sampler.generate(ids, Sampling.of(generation))
                 seq = (samples.input_ids, samples.attention_mask)
                 outputs[policy] = {
                     "responses": [decode(tokenizer, r) for r in samples.responses],

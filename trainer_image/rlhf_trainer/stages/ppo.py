@@ -69,6 +69,10 @@ def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
         if check_upstream or field.startswith("spec.model") or field.endswith(".model"):
             check_model_path(uri, field)
     check_positive_label(job)
+    if ppo.rollout.engine == "vllm":
+        from rlhf_trainer.rollout.vllm import check_installed
+
+        check_installed(f"{FIELD}.rollout.engine")
 
 
 def token_rewards(
@@ -374,9 +378,9 @@ def load_models(worker: Any, mini_batch: int) -> Models:
 def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, prompt_ids
-    from rlhf_trainer.generation import sample
     from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
     from rlhf_trainer.reward_model import RewardScorer, max_length
+    from rlhf_trainer.rollout import Sampling, make_engine
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
 
     worker = StageWorker.start(config)
@@ -408,6 +412,23 @@ def train_loop(config: dict[str, Any]) -> None:
     start = worker.resumed_from_step or 0
     worker.start_progress(ppo.steps)
     batches = BatchPlan(len(prompts), ppo.rollout_batch_size, worker.world_size, spec.seed)
+    with worker.timed("rollout_engine_init"):
+        rollouts = make_engine(
+            ppo.rollout,
+            f"{FIELD}.rollout",
+            model_uri=policy_source(worker.job)[0],
+            tokenizer=tokenizer,
+            module=engines["policy"].module,
+            device=device,
+            zero_stage=spec.parallelism.zero_stage,
+            precision=spec.parallelism.precision,
+            max_model_len=ppo.max_prompt_len + ppo.generation.max_new_tokens,
+            seed=spec.seed,
+            rank=worker.rank,
+            world_size=worker.world_size,
+            micro_batch=ppo.rollout_micro_batch_size,
+            gather_once=True,
+        )
     metrics: dict[str, float] = {}
     with worker.timed("train"):
         for step in range(start, ppo.steps):
@@ -415,19 +436,14 @@ def train_loop(config: dict[str, Any]) -> None:
             texts = prompts[batches.rows(step, worker.rank)][ppo.prompts.prompt_field]
             texts = [text for text in texts for _ in range(group)]  # each group adjacent
             with worker.timed("rollout"):
-                zero_stage = spec.parallelism.zero_stage
-                with ds.generation_model(engines["policy"], zero_stage) as (model, synced):
-                    samples = sample(
-                        model,
-                        tokenizer,
-                        prompt_ids(
-                            tokenizer, texts, ppo.max_prompt_len, ppo.prompts.truncation_side
-                        ),
-                        ppo.generation,
-                        synced_gpus=synced,
-                        device=device,
-                        micro_batch=ppo.rollout_micro_batch_size,
-                    )
+                # hf: ZeRO-3 gathers the policy once for the rollout (engine.generation_model);
+                # vllm: this step's policy weights are copied into the engine.
+                rollouts.load_weights(engines["policy"])
+                samples = rollouts.generate(
+                    prompt_ids(tokenizer, texts, ppo.max_prompt_len, ppo.prompts.truncation_side),
+                    Sampling.of(ppo.generation),
+                )
+                rollouts.sleep()  # vllm on GPU: free its KV cache while the policy trains
                 rollout = score(
                     samples, engines, scorer, ppo, kl_control.value, tokenizer.eos_token_id, all_sum
                 )
