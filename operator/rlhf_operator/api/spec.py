@@ -223,8 +223,8 @@ class VLLMSpec(ApiModel):
         default=1,
         ge=1,
         le=64,
-        description="Workers sharing one vLLM engine (tensor parallel); divides "
-        "spec.cluster.workers.replicas.",
+        description="Ranks sharing one vLLM engine (tensor parallel); divides "
+        "spec.cluster.workers.replicas x gpusPerWorker.",
     )
     enable_prefix_caching: bool = Field(
         default=False, description="Reuse the KV cache of shared prompt prefixes."
