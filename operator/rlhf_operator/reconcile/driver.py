@@ -220,7 +220,7 @@ def reconcile_job(
     pool: Index | None = None,
     reports: Index | None = None,
 ) -> Decision | None:
-    """One reconcile of one RLHFJob (the kopf timer calls this): the decision carried out, or
+    """One reconcile of one RLHFJob (its kopf daemon calls this when woken): the decision carried out, or
     None when none was (the job is gone, or kept changing under it: the next tick decides).
 
     `body` is the watch's copy; when a write finds the job changed since (409), the decision is
