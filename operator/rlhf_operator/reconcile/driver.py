@@ -220,8 +220,9 @@ def reconcile_job(
     pool: Index | None = None,
     reports: Index | None = None,
 ) -> Decision | None:
-    """One reconcile of one RLHFJob (its kopf daemon calls this when woken): the decision carried out, or
-    None when none was (the job is gone, or kept changing under it: the next tick decides).
+    """One reconcile of one RLHFJob (its kopf daemon calls this when woken): the decision
+    carried out, or None when none was (the job is gone, or kept changing under it: the next
+    tick decides).
 
     `body` is the watch's copy; when a write finds the job changed since (409), the decision is
     dropped and made again on the job as stored.
