@@ -35,13 +35,17 @@ def one_rank_group():
     for the whole session: DeepSpeed caches the world group, so a destroyed and re-created one
     is "not registered" for the next engine."""
     import os
+    import socket
 
     import torch.distributed as dist
 
+    with socket.socket() as probe:  # a free port: two test sessions may share a machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {
         "DS_ACCELERATOR": "cpu",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29533",
+        "MASTER_PORT": str(port),
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
