@@ -27,6 +27,7 @@ from rlhf_operator.api.progress import PROGRESS_PLURAL
 
 P = ParamSpec("P")
 R = TypeVar("R")
+A = TypeVar("A")  # a kubernetes.client API class
 
 CORE = ""  # the core API group ("" in RBAC rules)
 REQUEST_TIMEOUT = (5, 30)  # connect, read (seconds): a hung call must not pin a worker thread
@@ -120,18 +121,20 @@ def configure() -> None:
         _client = kubernetes.client.ApiClient(config)
 
 
-def _custom() -> kubernetes.client.CustomObjectsApi:
+def _api(kind: type[A]) -> A:
+    """An API group's client on the operator's connection (configure() first)."""
     with _lock:
         if _client is None:
             raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kubernetes.client.CustomObjectsApi(_client)
+        return kind(_client)
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    return _api(kubernetes.client.CustomObjectsApi)
 
 
 def _core() -> kubernetes.client.CoreV1Api:
-    with _lock:
-        if _client is None:
-            raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kubernetes.client.CoreV1Api(_client)
+    return _api(kubernetes.client.CoreV1Api)
 
 
 def _items(response: Any) -> list[dict[str, Any]]:
@@ -140,10 +143,7 @@ def _items(response: Any) -> list[dict[str, Any]]:
 
 
 def _networking() -> kubernetes.client.NetworkingV1Api:
-    with _lock:
-        if _client is None:
-            raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kubernetes.client.NetworkingV1Api(_client)
+    return _api(kubernetes.client.NetworkingV1Api)
 
 
 def _ignoring(status: int) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
