@@ -16,8 +16,10 @@ Columns:
 - models: engines each worker holds (trained + frozen); "value states": what PPO's value model
   costs per worker in fp32 training state (weights, gradients, two Adam moments: 16 bytes a
   parameter, ZeRO-0 sizes) and the critic-free algorithms do not build.
-- win rate / improved: the evaluation stage's reward-model win rate and fraction of prompts
-  improved (the issue's targets 0.8 and 0.9; the tiny task has no separate true score yet).
+- win / improved, RM and true: the evaluation stage's win rate and fraction of prompts improved
+  by the reward model (RM) and by the independent judge, the task's true sentiment count (true;
+  examples/tiny/judge_lexicon.json): the issue's targets 0.8 and 0.9 by both. A win by the
+  reward model alone would be reward hacking.
 - KL: KL(policy || SFT) per response, summed over tokens (k1), of the last iteration's
   rollouts (RL) or of the DPO policy's samples of held-out prompts.
 Rollouts per iteration are equal across the RL rows (rolloutBatchSize x samplesPerPrompt).
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -36,10 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "examples" / "tiny-local.yaml"
+sys.path.insert(0, str(ROOT / "tests" / "trainer"))  # tiny_jobs: the tiny example's manifests
 MIB = 1024**2
 TRAINING_BYTES_PER_PARAM = 16  # fp32 weights + gradients + Adam's two moments
 CRITIC_FIELDS = ("valueLearningRate", "valueClipRange", "valueLossCoef", "lam")
@@ -53,26 +52,6 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "reinforce_pp": {"algorithm": "reinforce_pp", "rolloutBatchSize": 64},
 }
 DPO = {"epochs": 3, "batchSize": 32, "learningRate": 1.0e-3, "beta": 0.1, "maxSeqLen": 64}
-
-
-def load_make_tiny():
-    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "examples" / "make_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def base_manifest(tiny: Path, storage: Path) -> dict[str, Any]:
-    manifest = yaml.safe_load(MANIFEST.read_text())
-    spec = manifest["spec"]
-    spec["model"]["base"] = str(tiny / "model")
-    spec["storage"]["uri"] = str(storage)
-    stages = spec["stages"]
-    stages["sft"]["dataset"]["uri"] = str(tiny / "sft.jsonl")
-    stages["reward"]["dataset"]["uri"] = str(tiny / "preferences.jsonl")
-    stages["ppo"]["prompts"]["uri"] = str(tiny / "prompts.jsonl")
-    stages["evaluation"]["prompts"]["uri"] = str(tiny / "eval_prompts.jsonl")
-    return manifest
 
 
 def rl_manifest(base: dict[str, Any], name: str, steps: int) -> dict[str, Any]:
@@ -131,6 +110,8 @@ def run_row(name: str, manifest: dict[str, Any], shared: Path, storage: Path) ->
         "models": models,
         "win_rate": evaluation["win_rate"],
         "improved": evaluation["prompts_improved_fraction"],
+        "judge_win_rate": evaluation["judge_win_rate"],
+        "judge_improved": evaluation["judge_prompts_improved_fraction"],
         "kl": result.metrics.get("kl", float("nan")),
         "steps": result.total_steps,
     }
@@ -139,17 +120,22 @@ def run_row(name: str, manifest: dict[str, Any], shared: Path, storage: Path) ->
 def table(rows: list[dict[str, Any]], value_mib: float) -> str:
     head = (
         f"{'algorithm':<13} {'steps':>5} {'wall s':>7} {'compute s':>9} {'peak RSS/worker':>16} "
-        f"{'value states':>12} {'win rate':>8} {'improved':>8} {'KL':>7}  models/worker"
+        f"{'value states':>12} {'win RM':>6} {'impr. RM':>8} {'win true':>8} {'impr. true':>10} "
+        f"{'KL':>7}  models/worker"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         value = f"{value_mib:.1f} MiB" if row["name"] == "ppo" else "none"
         lines.append(
             f"{row['name']:<13} {row['steps']:>5} {row['wall']:>7.1f} {row['compute']:>9.1f} "
-            f"{row['rss']:>12.0f} MiB {value:>12} {row['win_rate']:>8.3f} "
-            f"{row['improved']:>8.3f} {row['kl']:>7.2f}  {row['models']}"
+            f"{row['rss']:>12.0f} MiB {value:>12} {row['win_rate']:>6.3f} {row['improved']:>8.3f} "
+            f"{row['judge_win_rate']:>8.3f} {row['judge_improved']:>10.3f} {row['kl']:>7.2f}  "
+            f"{row['models']}"
         )
-    lines.append("targets (tiny task): win rate >= 0.8, prompts improved >= 0.9, KL finite")
+    lines.append(
+        "targets (tiny task): win rate >= 0.8 and prompts improved >= 0.9 by the reward model "
+        "(RM) and by the true sentiment count (true), KL finite"
+    )
     return "\n".join(lines)
 
 
@@ -161,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "bench"))
     from rlhf_trainer.launcher import ensure_ray, run_stage
+    from tiny_jobs import demo_manifest, load_make_tiny
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rlhf-algorithms-"))
     tiny = work / "tiny"
     if not (tiny / "model").exists():
         load_make_tiny().main(["--out", str(tiny)])
-    base = base_manifest(tiny, work / "shared")
+    base = demo_manifest(tiny, work / "shared")
     name = base["metadata"]["name"]
     shared = work / "shared" / name
     ensure_ray(attach=False)

@@ -1,9 +1,9 @@
 """The RL stage under each critic-free algorithm (GRPO, RLOO, REINFORCE++) and the DPO stage, on
 the tiny task from the session's SFT and reward models (tiny_run): each meets the tiny targets
-(evaluation win rate >= 0.8, prompts improved >= 0.9, KL finite), critic-free runs hold no
-value model anywhere, and each resumes from its own checkpoints to where the uninterrupted run
-ended. Test-sized: 32 rollouts per iteration for REINFORCE++, 64 (16 prompts x 4) for the
-group algorithms."""
+(evaluation win rate >= 0.8 and prompts improved >= 0.9 by the reward model and by the true
+sentiment count, KL finite), critic-free runs hold no value model anywhere, and each resumes from
+its own checkpoints to where the uninterrupted run ended. Test-sized: 32 rollouts per iteration
+for REINFORCE++, 64 (16 prompts x 4) for the group algorithms."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "rloo": {"algorithm": "rloo", "samplesPerPrompt": 4, "rolloutBatchSize": 16},
     "reinforce_pp": {"algorithm": "reinforce_pp", "rolloutBatchSize": 32},
 }
-# 2 epochs (112 steps) from the test-sized SFT: pairs ranked 0.9+, but evaluation win rate 0.67
-# and prompts improved 0.75; 3 epochs is the bench's setting (0.91 / 0.95 from the demo's SFT).
+# 2 epochs (112 steps) from a 40-step SFT: pairs ranked 0.9+, but evaluation win rate 0.67 and
+# prompts improved 0.75; 3 epochs is the bench's setting (0.91 / 0.95 from the demo's SFT).
 DPO = {"epochs": 3, "batchSize": 32, "learningRate": 1.0e-3, "maxSeqLen": 64}
 DPO_EVERY = 20
 
@@ -68,9 +68,13 @@ def dpo_job(tiny_dir: Path, storage: Path, judge: Path):
 
 
 def assert_meets_the_tiny_targets(evaluation: dict[str, float], kl: float) -> None:
-    assert evaluation["win_rate"] >= WIN_RATE, evaluation
-    assert evaluation["prompts_improved_fraction"] >= IMPROVED, evaluation
+    """By the reward model and by the independent judge (the task's true sentiment count): a
+    win by the reward model alone would be reward hacking."""
+    for prefix in ("", "judge_"):
+        assert evaluation[f"{prefix}win_rate"] >= WIN_RATE, evaluation
+        assert evaluation[f"{prefix}prompts_improved_fraction"] >= IMPROVED, evaluation
     assert evaluation["mean_reward_rlhf"] > evaluation["mean_reward_sft"]
+    assert evaluation["judge_mean_rlhf"] > evaluation["judge_mean_sft"]
     assert math.isfinite(kl), kl
 
 

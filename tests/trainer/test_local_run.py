@@ -130,14 +130,6 @@ def test_the_judge_is_the_true_sentiment_count_and_reported_beside_the_reward_mo
             assert float(row[f"{policy}_judge"]) == true
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tiny target not met yet (measured: judge win rate 0.656, prompts improved 0.906, "
-    "while the reward model's win rate is 0.906): the PPO policy writes ~1.9 clauses where SFT "
-    "writes ~3.2 (eos_fraction 0.95) - the reward model scores a short all-positive response as "
-    "high as a long one and the per-token KL penalty makes short ones cheaper, so the true "
-    "net count gains less than the reward model says. The judge shows exactly this gap.",
-)
 def test_evaluation_prefers_the_rlhf_policy_by_the_true_score(run: LocalRun) -> None:
     """The tiny target by the independent judge (the true sentiment count): a win by the
     reward model alone would be reward hacking."""
