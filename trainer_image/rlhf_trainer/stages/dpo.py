@@ -76,7 +76,9 @@ def train_loop(config: dict[str, Any]) -> None:
         hidden_size,
         load_causal_lm,
         load_tokenizer,
+        model_revision,
         token_logprobs,
+        tokenizer_source,
     )
     from rlhf_trainer.schedule import plan
     from rlhf_trainer.worker import StageWorker, all_mean, all_sum
@@ -90,30 +92,39 @@ def train_loop(config: dict[str, Any]) -> None:
         split = _dataset(worker.job)
     source, field = policy_source(worker.job)
     schedule = plan(stage, len(split.train), worker.world_size, FIELD)
+    revision = model_revision(worker.job, source)  # spec.model.revision when SFT is off
     with worker.timed("model_load"):
-        tokenizer = load_tokenizer(source, field)
-        size = hidden_size(source, field)
-        policy_plan = ds.plan_engine(
-            spec.parallelism,
-            use_gpu=worker.use_gpu,
-            world_size=worker.world_size,
-            hidden_size=size,
-            micro_batch=schedule.micro_batch,
-            grad_accum=schedule.grad_accum,
-            learning_rate=stage.learning_rate,
-            weight_decay=stage.weight_decay,
-            total_steps=schedule.total_steps,
-            warmup_steps=schedule.warmup_steps,
-        )
-        reference_plan = ds.plan_engine(  # frozen
-            spec.parallelism, use_gpu=worker.use_gpu, world_size=worker.world_size, hidden_size=size
-        )
-        policy_model = policy_plan.build(lambda: load_causal_lm(source, field))
-        reference_model = reference_plan.build(lambda: load_causal_lm(source, field))
-        disable_dropout(policy_model)  # the log-ratio at step 0 must be exactly 0
-    with worker.timed("deepspeed_init"):
-        policy = policy_plan.initialize(policy_model)
-        reference = reference_plan.initialize(reference_model)
+        tokenizer = load_tokenizer(*tokenizer_source(worker.job, source, field))
+        size = hidden_size(source, field, revision)
+
+    def engine(learning_rate: float | None = None, **schedule_settings: int):
+        """Plan, load (in the spec's precision) and wrap one copy of the SFT policy; each
+        engine is made before the next copy is loaded. No learning rate: frozen."""
+        with worker.timed("model_load"):
+            engine_plan = ds.plan_engine(
+                spec.parallelism,
+                use_gpu=worker.use_gpu,
+                world_size=worker.world_size,
+                hidden_size=size,
+                learning_rate=learning_rate,
+                weight_decay=stage.weight_decay,
+                **schedule_settings,
+            )
+            model = engine_plan.build(
+                lambda: load_causal_lm(source, field, revision, engine_plan.dtype)
+            )
+            disable_dropout(model)  # the log-ratio at step 0 must be exactly 0
+        with worker.timed("deepspeed_init"):
+            return engine_plan.initialize(model)
+
+    policy = engine(
+        stage.learning_rate,
+        micro_batch=schedule.micro_batch,
+        grad_accum=schedule.grad_accum,
+        total_steps=schedule.total_steps,
+        warmup_steps=schedule.warmup_steps,
+    )
+    reference = engine()
     device = policy.device
 
     def pairs(table, rows: list[int]) -> dict[str, torch.Tensor]:
