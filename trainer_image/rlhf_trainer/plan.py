@@ -6,11 +6,13 @@ policy's adapters; evaluation: three frozen models) are sized from their config 
 architecture is built on PyTorch's meta device (no weights, no memory) to count parameters and
 find the largest layer. Model states of trained models come from DeepSpeed's own estimators
 (`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, `estimate_zero3_...` for ZeRO-3; they
-count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0 and fp32 use
-the same byte counts unsharded. Added on top: activations of one micro-batch (the logits and
-per-layer activations of a forward/backward, or the KV cache of generation) and a fixed per-
-process overhead (CUDA context and allocator slack on a GPU; interpreter, torch, DeepSpeed and
-Ray on the host). These are estimates: `bench/memory.py` prints them beside measured peaks.
+count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0 and fp32
+count the buffers DeepSpeed's optimizers allocate (`optimizer_bytes_per_param`). Added on
+top: activations of one micro-batch (the logits and per-layer activations of a forward/backward,
+or the KV cache of generation), under ZeRO-3 the parameters gathered whole (`zero3_gathered`)
+and a fixed per-process overhead (CUDA context and allocator slack on a GPU; interpreter,
+torch, DeepSpeed and Ray on the host). These are estimates: `bench/memory.py` prints them
+beside measured peaks.
 
 Where the config comes from (no weights are downloaded): `--model-config` (a config.json or a
 directory holding one), a local model directory, the built-in table `KNOWN_CONFIGS` (the
