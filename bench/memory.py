@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "config": name,
             "measured_mib": round(measured / MIB, 1),
-            "workers_mib": sorted(round(peak / MIB) for peak in memory.peaks.values()),
             **phases(result, memory),
             "workers": args.workers,
             "steps": args.steps,
