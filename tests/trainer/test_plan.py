@@ -69,3 +69,44 @@ def test_sizes_and_gpu_products() -> None:
     assert gpu_memory_from_spec(job) == 80 * GiB
     with pytest.raises(Exception, match="--gpu-memory"):
         parse_bytes("lots")
+
+
+def _held(params: int, trainable: bool):
+    from rlhf_trainer.plan import Held, ModelShape
+
+    shape = ModelShape("m", params, params // 10, 768, 12, 50257, "test")
+    return Held("m", shape, trainable=params if trainable else 0, frozen=0 if trainable else params)
+
+
+def test_model_states_count_what_deepspeed_allocates_beside_weights_and_grads() -> None:
+    from rlhf_operator.api.spec import ParallelismSpec
+    from rlhf_trainer.plan import model_states
+
+    params = 1_000_000
+
+    def per_param(zero: int, precision: str, ranks: int = 2) -> float:
+        spec = ParallelismSpec.model_validate({"zeroStage": zero, "precision": precision})
+        return model_states(_held(params, True), spec, ranks, 1)[0] / params
+
+    assert per_param(0, "fp32") == 4 + 4 + 8  # torch AdamW on the model's own weights
+    # FP16_Optimizer (also for bf16): fp32 master + fp32 flattened gradients + Adam
+    assert per_param(0, "bf16") == 2 + 2 + 4 + 4 + 8
+    # ZeRO-2 fp32: the master partition is a clone, gradients partitioned, over 2 ranks
+    assert per_param(2, "fp32") == 4 + 4 / 2 + (4 + 4 + 8) / 2
+    # ZeRO-3 fp32: weights are the masters; gradient partition + Adam
+    assert per_param(3, "fp32") == (4 + 4 + 4 + 8) / 2
+
+
+def test_zero3_gathered_parameters_on_cpu_workers_and_gpus() -> None:
+    from rlhf_trainer.plan import STAGE3_REUSE_ELEMENTS, zero3_gathered
+
+    held = [_held(100, True), _held(100, True), _held(80, False)]
+    assert zero3_gathered(held, 2, 2, 0, on_gpu=False) == 0  # only ZeRO-3 gathers
+    # CPU: each model's freed all-gather buffers stay in the process heap
+    assert zero3_gathered(held, 3, 2, 200, on_gpu=False) == (100 + 100 + 80) * 2
+    # GPU: the larger of a trained model whole at its forward/backward turnaround and
+    # generation's gather of the policy
+    assert zero3_gathered(held, 3, 2, 150, on_gpu=True) == 200
+    assert zero3_gathered(held, 3, 2, 300, on_gpu=True) == 300
+    big = [_held(6 * STAGE3_REUSE_ELEMENTS, True)]
+    assert zero3_gathered(big, 3, 2, 0, on_gpu=True) == STAGE3_REUSE_ELEMENTS * 2

@@ -6,11 +6,13 @@ policy's adapters; evaluation: three frozen models) are sized from their config 
 architecture is built on PyTorch's meta device (no weights, no memory) to count parameters and
 find the largest layer. Model states of trained models come from DeepSpeed's own estimators
 (`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, `estimate_zero3_...` for ZeRO-3; they
-count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0 and fp32 use
-the same byte counts unsharded. Added on top: activations of one micro-batch (the logits and
-per-layer activations of a forward/backward, or the KV cache of generation) and a fixed per-
-process overhead (CUDA context and allocator slack on a GPU; interpreter, torch, DeepSpeed and
-Ray on the host). These are estimates: `bench/memory.py` prints them beside measured peaks.
+count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0 and fp32
+count the buffers DeepSpeed's optimizers allocate (`optimizer_bytes_per_param`). Added on
+top: activations of one micro-batch (the logits and per-layer activations of a forward/backward,
+or the KV cache of generation), under ZeRO-3 the parameters gathered whole (`zero3_gathered`)
+and a fixed per-process overhead (CUDA context and allocator slack on a GPU; interpreter,
+torch, DeepSpeed and Ray on the host). These are estimates: `bench/memory.py` prints them
+beside measured peaks.
 
 Where the config comes from (no weights are downloaded): `--model-config` (a config.json or a
 directory holding one), a local model directory, the built-in table `KNOWN_CONFIGS` (the
@@ -74,7 +76,12 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 # Per-process overheads beside model states and activations (estimates, see bench/memory.py).
 GPU_PROCESS_BYTES = 1 * GiB  # CUDA context, NCCL buffers, caching-allocator slack
-HOST_PROCESS_BYTES = int(1.3 * GiB)  # Python, torch, transformers, DeepSpeed, Ray worker
+# A Ray Train worker with torch, transformers, DeepSpeed, peft, datasets and Ray imported is
+# 516 MiB RSS (measured); its gloo group, thread pools and allocator arenas add the rest.
+HOST_PROCESS_BYTES = int(0.6 * GiB)
+# DeepSpeed's stage3_max_reuse_distance (its default; the trainer does not set it): a parameter
+# gathered for the forward stays until the backward when it is reused within this many elements.
+STAGE3_REUSE_ELEMENTS = 10**9
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -184,6 +191,25 @@ def lora_params(shape: ModelShape, rank: int, targets_per_layer: int = 2) -> int
     return shape.layers * targets_per_layer * rank * (shape.hidden + 2 * shape.hidden)
 
 
+def optimizer_bytes_per_param(zero: int, width: int) -> int:
+    """Bytes per trained parameter beside its weight and gradient, where DeepSpeed's estimators
+    do not apply (ZeRO-0, and fp32 at any stage), before ZeRO shards them.
+
+    Adam's two fp32 moments (8). ZeRO-0 in fp32 has no more: torch's AdamW steps the model's own
+    weights. ZeRO-0 in 16-bit runs DeepSpeed's FP16_Optimizer (bf16 too): an fp32 master copy
+    (4) and, each step, the gradients flattened into fp32 (4; fused_optimizer.py). ZeRO-1/2 keep
+    an fp32 gradient partition and an fp32 master partition (4 + 4), the latter cloned even from
+    fp32 weights (stage_1_and_2.py `single_partition_of_fp32_groups`); ZeRO-3 shares fp32
+    weights as masters (stage3.py `fp32_partitioned_groups_flat`), so fp32 adds only the
+    gradient partition.
+    """
+    if width == 4 and zero == 0:
+        return 8
+    if width == 4 and zero == 3:
+        return 8 + 4
+    return 8 + 4 + 4
+
+
 def model_states(
     held: Held, parallelism: ParallelismSpec, ranks: int, per_pod: int
 ) -> tuple[int, int]:
@@ -199,8 +225,8 @@ def model_states(
     trainable = held.trainable
     if trainable:
         if precision == "fp32" or zero == 0:
-            # weights + grads in `width`, fp32 Adam moments (+ fp32 master when 16-bit)
-            states = (4 + 4 + 4 if width == 2 else 8) * trainable
+            # weights + grads in `width`, fp32 Adam moments, and what DeepSpeed adds
+            states = optimizer_bytes_per_param(zero, width) * trainable
             shard = ranks if zero >= 1 else 1
             grads = width * trainable // (ranks if zero >= 2 else 1)
             weights = width * trainable // (ranks if zero == 3 else 1)
@@ -233,6 +259,29 @@ def model_states(
         host += frozen * per_pod
         frozen = 0
     return gpu + frozen, host
+
+
+def zero3_gathered(
+    held: list[Held], zero: int, width: int, generation_gather: int, *, on_gpu: bool
+) -> int:
+    """Full (gathered) parameters a ZeRO-3 worker holds besides its partitions; 0 below ZeRO-3.
+
+    On a GPU, the most gathered at once: a trained model's forward keeps each layer it will reuse
+    in the backward within `STAGE3_REUSE_ELEMENTS`, so up to that many elements are whole at the
+    forward/backward turnaround; generation may gather the whole policy (`generation_gather`).
+    On a CPU worker every model's full parameters stay in the process: glibc keeps the freed
+    all-gather buffers in its heap for the next gather instead of returning them (measured on
+    two gloo ranks: RSS +2.3 copies of a model's parameters with the default allocator, none
+    with MALLOC_MMAP_THRESHOLD_=65536; bench/memory.py's ZeRO-3 rows).
+    """
+    if zero != 3:
+        return 0
+    if not on_gpu:
+        return sum(model.shape.params for model in held) * width
+    turnaround = max(
+        (min(m.shape.params, STAGE3_REUSE_ELEMENTS) for m in held if m.trainable), default=0
+    )
+    return max(turnaround * width, generation_gather)
 
 
 def activations(shape: ModelShape, batch: int, seq: int, width: int, checkpointing: bool) -> int:
@@ -270,21 +319,29 @@ def plan_stages(job: RLHFJob, model_config: str | None = None) -> list[StagePlan
     par = spec.parallelism
     width = BYTES[par.precision]
     ranks = rank_count(spec)
-    per_pod = max(spec.cluster.workers.gpus_per_worker, 1)
+    gpus = spec.cluster.workers.gpus_per_worker
+    per_pod = max(gpus, 1)
     ckpt = par.gradient_checkpointing
     plans: list[StagePlan] = []
 
-    def stage_plan(stage: str, held: list[Held], act: int) -> StagePlan:
+    def stage_plan(stage: str, held: list[Held], act: int, generation_gather: int = 0):
         gpu = host = 0
         for model in held:
             g, h = model_states(model, par, ranks, per_pod)
             gpu, host = gpu + g, host + h
+        gathered = zero3_gathered(held, par.zero_stage, width, generation_gather, on_gpu=gpus > 0)
+        act += gathered
         # Each rank loads its models in `precision` on the host before DeepSpeed takes them
         # (ZeRO-3: rank 0 reads the checkpoint into the partitions); the largest is the peak.
         biggest = max(m.shape.params for m in held) * width
         load = biggest if par.zero_stage != 3 else biggest // ranks
         overhead = GPU_PROCESS_BYTES if spec.cluster.workers.gpus_per_worker else 0
-        parts = {"model states": gpu, "activations": act, "overhead": overhead}
+        parts = {
+            "model states": gpu,
+            "activations": act - gathered,
+            "gathered parameters": gathered,
+            "overhead": overhead,
+        }
         per_gpu = gpu + act + overhead
         host_total = host + per_pod * (HOST_PROCESS_BYTES + load)
         if not spec.cluster.workers.gpus_per_worker:  # CPU: everything is host memory
@@ -330,8 +387,8 @@ def plan_stages(job: RLHFJob, model_config: str | None = None) -> list[StagePlan
         )
         generate = kv_cache(policy, rollout, seq, width) + rollout * policy.vocab * 4 * 3
         score = rollout * seq * policy.vocab * (width + 8)
-        gather = policy.params * width if par.zero_stage == 3 else 0  # once per rollout
-        plans.append(stage_plan("ppo", held, max(train, generate + gather, score)))
+        gather = policy.params * width  # ZeRO-3: the whole policy, once per rollout
+        plans.append(stage_plan("ppo", held, max(train, generate, score), gather))
     if stages.evaluation.enabled:
         policy = shapes["policy"]
         held = [
