@@ -21,9 +21,13 @@ def _job(path: Path, **parallelism):
     return parse_job(manifest)
 
 
-def _ppo(job) -> int:
+def _ppo_plan(job):
     (ppo,) = [p for p in plan_stages(job) if p.stage == "ppo"]
-    return ppo.gpu_bytes
+    return ppo
+
+
+def _ppo(job) -> int:
+    return _ppo_plan(job).gpu_bytes
 
 
 def test_gptj_ppo_does_not_fit_40gb_and_the_plan_says_what_would(capsys) -> None:
@@ -50,6 +54,46 @@ def test_sharding_offload_and_lora_each_lower_ppos_gpu_memory() -> None:
     # 2 trained 6B models in mixed precision under ZeRO-2 over 8 GPUs: 2 x 6.05e9 x (2 + 18/8)
     # bytes of model states alone (DeepSpeed's estimator)
     assert zero2 > 2 * 6.05e9 * (2 + 18 / 8)
+
+
+def _critic_free(path: Path, algorithm: str = "grpo", **ppo) -> dict:
+    manifest = yaml.safe_load(path.read_text())
+    stage = manifest["spec"]["stages"]["ppo"]
+    for field in ("valueLearningRate", "valueClipRange", "valueLossCoef", "lam"):
+        stage.pop(field, None)
+    stage.update(algorithm=algorithm, **ppo)
+    return manifest
+
+
+def test_critic_free_algorithms_hold_no_value_model_and_save_its_memory() -> None:
+    ppo = _ppo_plan(parse_job(yaml.safe_load(GPTJ.read_text())))
+    # the same 256 responses per iteration (64 prompts x 4), no value model
+    grpo = _ppo_plan(parse_job(_critic_free(GPTJ, samplesPerPrompt=4, rolloutBatchSize=64)))
+    assert [m.role for m in ppo.models] == ["policy", "value", "reference", "reward model"]
+    assert [m.role for m in grpo.models] == ["policy", "reference", "reward model"]
+    # a 6B value model's trained states (ZeRO-3 over 8 ranks) are what GRPO saves
+    assert ppo.gpu_bytes - grpo.gpu_bytes > 6.05e9 * 18 / 8
+    lora = _critic_free(GPTJ, "reinforce_pp")
+    lora["spec"]["parallelism"]["lora"] = {"rank": 16}
+    assert [m.role for m in _ppo_plan(parse_job(lora)).models] == [
+        "policy (LoRA) + reference",
+        "reward model",
+    ]
+
+
+def test_dpo_is_planned_as_a_trained_policy_beside_its_frozen_reference() -> None:
+    manifest = yaml.safe_load(GPTJ.read_text())
+    stages = manifest["spec"]["stages"]
+    stages["reward"] = {"enabled": False, "model": "EleutherAI/gpt-j-6b"}
+    stages["ppo"]["enabled"] = False
+    stages["dpo"] = {"dataset": {"uri": "s3://bucket/prefs.jsonl"}, "batchSize": 64}
+    plans = {p.stage: p for p in plan_stages(parse_job(manifest))}
+    assert list(plans) == ["sft", "dpo", "evaluation"]
+    assert [(m.role, bool(m.trainable)) for m in plans["dpo"].models] == [
+        ("policy", True),
+        ("reference", False),
+    ]
+    assert plans["sft"].gpu_bytes < plans["dpo"].gpu_bytes
 
 
 def test_a_local_model_is_sized_from_its_config(tiny_dir: Path, tmp_path: Path, capsys) -> None:

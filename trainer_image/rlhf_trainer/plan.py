@@ -2,17 +2,18 @@
 
 For every enabled stage the models it holds (SFT: the policy; reward: a scalar-head model; PPO:
 policy and value trained, reference and reward model frozen, or with LoRA one base under the
-policy's adapters; evaluation: three frozen models) are sized from their config alone: the
-architecture is built on PyTorch's meta device (no weights, no memory) to count parameters and
-find the largest layer. Model states of trained models come from DeepSpeed's own estimators
-(`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, `estimate_zero3_...` for ZeRO-3; they
-count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0 and fp32
-count the buffers DeepSpeed's optimizers allocate (`optimizer_bytes_per_param`). Added on
-top: activations of one micro-batch (the logits and per-layer activations of a forward/backward,
-or the KV cache of generation), under ZeRO-3 the parameters gathered whole (`zero3_gathered`)
-and a fixed per-process overhead (CUDA context and allocator slack on a GPU; interpreter,
-torch, DeepSpeed and Ray on the host). These are estimates: `bench/memory.py` prints them
-beside measured peaks.
+policy's adapters; GRPO/RLOO/REINFORCE++: the same without a value model; DPO: the policy
+trained, its SFT copy frozen; evaluation: three frozen models) are sized from their config
+alone: the architecture is built on PyTorch's meta device (no weights, no memory) to count
+parameters and find the largest layer. Model states of trained models come from DeepSpeed's own
+estimators (`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, `estimate_zero3_...` for
+ZeRO-3; they count 16-bit weights and gradients, fp32 master weights and Adam moments); ZeRO-0
+and fp32 count the buffers DeepSpeed's optimizers allocate (`optimizer_bytes_per_param`). Added
+on top: activations of one micro-batch (the logits and per-layer activations of a
+forward/backward, or the KV cache of generation), under ZeRO-3 the parameters gathered whole
+(`zero3_gathered`) and a fixed per-process overhead (CUDA context and allocator slack on a GPU;
+interpreter, torch, DeepSpeed and Ray on the host). These are estimates: `bench/memory.py`
+prints them beside measured peaks.
 
 Where the config comes from (no weights are downloaded): `--model-config` (a config.json or a
 directory holding one), a local model directory, the built-in table `KNOWN_CONFIGS` (the
@@ -368,27 +369,39 @@ def plan_stages(job: RLHFJob, model_config: str | None = None) -> list[StagePlan
         plans.append(stage_plan("reward", [full("reward model", shapes["scalar"])], act))
     if stages.ppo.enabled:
         ppo = stages.ppo
-        shard = ppo.rollout_batch_size // ranks
+        # Responses per worker and iteration: a prompt's group of samples stays on one worker.
+        shard = ppo.rollout_batch_size // ranks * ppo.samples_per_prompt
         micro = min(ppo.mini_batch_size or shard, shard)
         rollout = min(ppo.rollout_micro_batch_size or shard, shard)
         seq = ppo.max_prompt_len + ppo.generation.max_new_tokens
         policy, value = shapes["policy"], shapes["scalar"]
         if par.lora:
             adapters = lora_params(policy, par.lora.rank)
-            held = [
-                Held("policy (LoRA) + reference", policy, adapters, policy.params),
-                Held("value (LoRA)", value, lora_params(value, par.lora.rank), value.params),
-            ]
+            held = [Held("policy (LoRA) + reference", policy, adapters, policy.params)]
+            if ppo.has_critic:
+                lora_value = lora_params(value, par.lora.rank)
+                held.append(Held("value (LoRA)", value, lora_value, value.params))
         else:
-            held = [full("policy", policy), full("value", value), frozen("reference", policy)]
+            held = [full("policy", policy), frozen("reference", policy)]
+            if ppo.has_critic:
+                held.insert(1, full("value", value))
         held.append(frozen("reward model", shapes["reward"]))
-        train = activations(policy, micro, seq, width, ckpt) + activations(
-            replace(value, vocab=1), micro, seq, width, ckpt
-        )
+        train = activations(policy, micro, seq, width, ckpt)
+        if ppo.has_critic:  # critic-free algorithms build no value model at all
+            train += activations(replace(value, vocab=1), micro, seq, width, ckpt)
         generate = kv_cache(policy, rollout, seq, width) + rollout * policy.vocab * 4 * 3
         score = rollout * seq * policy.vocab * (width + 8)
         gather = policy.params * width  # ZeRO-3: the whole policy, once per rollout
         plans.append(stage_plan("ppo", held, max(train, generate, score), gather))
+    if stages.enabled("dpo"):
+        dpo = stages.dpo
+        micro = dpo.micro_batch_size or max(dpo.batch_size // ranks, 1)
+        policy = shapes["policy"]
+        held = [full("policy", policy), frozen("reference", policy)]
+        # chosen and rejected in one pass, through the policy (kept for the backward) and the
+        # frozen reference (forward only, its activations freed at once)
+        act = activations(policy, 2 * micro, dpo.max_seq_len, width, ckpt)
+        plans.append(stage_plan("dpo", held, act))
     if stages.evaluation.enabled:
         policy = shapes["policy"]
         held = [
