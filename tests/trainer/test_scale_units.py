@@ -197,6 +197,40 @@ def test_lora_target_modules_that_match_nothing_name_the_field(tiny_dir: Path) -
         add_policy_adapters(model, LoraSpec(target_modules=["q_proj"]), seed=0, field="f")
 
 
+def test_lora_refuses_adapters_on_tied_embeddings(tiny_dir: Path) -> None:
+    """GPT-2's lm_head is the token embedding matrix: merged for saving, an adapter on it
+    would change the inputs' embeddings too (the saved model would not be the trained one)."""
+    from rlhf_trainer.lora import add_policy_adapters
+    from rlhf_trainer.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_dir / "model"), "f")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(UserError, match=r"targetModules: lm_head shares its weight.*drop lm_head"):
+        add_policy_adapters(
+            model, LoraSpec(target_modules=["c_attn", "lm_head"]), seed=0, field="f"
+        )
+
+
+def test_lora_value_model_trains_its_adapters_and_one_head(tiny_dir: Path) -> None:
+    """The value model's trainable parameters are its backbone's adapters and the one scalar
+    head its forward uses, and each of them gets a gradient (no idle copy in the optimizer)."""
+    from rlhf_trainer.lora import add_value_adapters
+    from rlhf_trainer.models import load_scalar_model
+
+    value = add_value_adapters(
+        load_scalar_model(str(tiny_dir / "model"), "f", 0),
+        LoraSpec(rank=4, target_modules=["c_attn", "c_fc"]),
+        seed=0,
+        field="f",
+    )
+    trained = {name: p for name, p in value.named_parameters() if p.requires_grad}
+    heads = [name for name in trained if "lora_" not in name]
+    assert heads == ["model.score.weight"], heads
+    ids = torch.tensor([[3, 5, 7, 11, 13, 17]])
+    value(ids, torch.ones_like(ids)).sum().backward()
+    assert all(p.grad is not None for p in trained.values())
+
+
 @pytest.mark.slow  # a DeepSpeed ZeRO-3 engine in this process (8 min under a load of 48)
 def test_zero3_generation_gathers_once_and_restores_the_hooks(
     tiny_dir: Path, one_rank_group

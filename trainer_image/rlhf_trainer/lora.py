@@ -5,7 +5,8 @@ is the same module with its adapters off (`AdaptersOff`), so PPO holds one copy 
 weights instead of two (OpenRLHF's and TRL's `ref_model=None` with a PEFT policy). The value
 model gets adapters on its backbone and a fully trained scalar head. The policy is saved merged
 (W + alpha/rank * B @ A) as a plain transformers model: evaluation and any later job load it
-without `peft`.
+without `peft`. A module whose weight is tied to another (GPT-2's lm_head and token embeddings)
+cannot take an adapter: merged, its update would land in both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 FIELD = "spec.parallelism.lora"
 
 
-def lora_config(lora: LoraSpec, task_type: str):
+def lora_config(lora: LoraSpec, task_type: str | None):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -36,7 +37,7 @@ def lora_config(lora: LoraSpec, task_type: str):
     )
 
 
-def _inject(model: torch.nn.Module, lora: LoraSpec, task_type: str, seed: int, field: str):
+def _inject(model: torch.nn.Module, lora: LoraSpec, task_type: str | None, seed: int, field: str):
     from peft import get_peft_model
 
     # Every rank draws the same adapter init (ZeRO-3 partitions it without a broadcast).
@@ -53,10 +54,36 @@ def _inject(model: torch.nn.Module, lora: LoraSpec, task_type: str, seed: int, f
             f"{FIELD}.targetModules: {exc} (model {field}); name modules of this architecture "
             "(e.g. c_attn for GPT-2, q_proj/v_proj for Llama)."
         ) from exc
+    _refuse_tied_targets(peft_model, field)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
     return peft_model
+
+
+def _refuse_tied_targets(peft_model: torch.nn.Module, field: str) -> None:
+    """Refuse adapters on a module whose weight another module shares (tied embeddings): the
+    adapted policy reads the old weight at one end and the new one at the other, but merged for
+    saving the update lands in both, so the saved model would not be the trained one."""
+    from peft.tuners.lora import LoraLayer
+
+    names: dict[int, list[str]] = {}
+    for name, param in peft_model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for module_name, module in peft_model.named_modules():
+        weight = (
+            getattr(module.get_base_layer(), "weight", None)
+            if isinstance(module, LoraLayer)
+            else None
+        )
+        if weight is not None and len(names.get(id(weight), ())) > 1:
+            target = module_name.rsplit(".", 1)[-1]
+            tied = ", ".join(n.removeprefix("base_model.model.") for n in names[id(weight)])
+            raise UserError(
+                f"{FIELD}.targetModules: {target} shares its weight with another module ({tied}; "
+                f"tied embeddings of model {field}), so its merged adapter would change both; "
+                f"drop {target} from targetModules (adapt the layers between them instead)."
+            )
 
 
 def add_policy_adapters(model: torch.nn.Module, lora: LoraSpec, seed: int, field: str):
@@ -66,8 +93,9 @@ def add_policy_adapters(model: torch.nn.Module, lora: LoraSpec, seed: int, field
 
 def add_value_adapters(scalar_model: torch.nn.Module, lora: LoraSpec, seed: int, field: str):
     """Adapters on a `ScalarHeadModel`'s backbone (injected in place); its scalar head trains
-    in full (a fresh head has nothing to adapt)."""
-    _inject(scalar_model.model, lora, "SEQ_CLS", seed, field)
+    in full (a fresh head has nothing to adapt). No PEFT task type: SEQ_CLS would wrap the head
+    in a trained copy beside the original (`modules_to_save`), two heads where one is used."""
+    _inject(scalar_model.model, lora, None, seed, field)
     scalar_model.model.score.requires_grad_(True)
     return scalar_model
 
