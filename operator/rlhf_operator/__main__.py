@@ -137,7 +137,7 @@ async def run(args: argparse.Namespace) -> int:
         if keeper is not None:
             keeper.cancel()
         if elector is not None and not status.lost:
-            await asyncio.to_thread(elector.release)
+            await leader.release(elector)
         if probes is not None:
             await probes.cleanup()
 

@@ -115,18 +115,32 @@ def configure() -> None:
         )
     # One connection per concurrent worker thread: urllib3 would otherwise discard and reopen.
     config.connection_pool_maxsize = POOL_SIZE
+    # kubernetes.client imports each API module on first use, and a module's import (hundreds
+    # of validated methods) takes seconds: importing here, not in the first reconciles, keeps
+    # 16 worker threads of a burst from queueing on the import lock.
+    kinds = [getattr(kubernetes.client, kind) for kind in _API_KINDS]
     with _lock:
         if _client is not None:
             _client.close()
         _client = kubernetes.client.ApiClient(config)
+        _apis.clear()
+        _apis.update({kind: kind(_client) for kind in kinds})
+
+
+_API_KINDS = ("CustomObjectsApi", "CoreV1Api", "NetworkingV1Api", "CoordinationV1Api")
+_apis: dict[type, Any] = {}
+"""One client per API group on the operator's connection (stateless: shared by threads)."""
 
 
 def _api(kind: type[A]) -> A:
     """An API group's client on the operator's connection (configure() first)."""
+    api = _apis.get(kind)
+    if api is not None:
+        return api
     with _lock:
         if _client is None:
             raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kind(_client)
+        return _apis.setdefault(kind, kind(_client))
 
 
 def _custom() -> kubernetes.client.CustomObjectsApi:
@@ -421,10 +435,7 @@ def lease_permissions() -> dict[tuple[str, str], list[str]]:
 
 
 def _coordination() -> kubernetes.client.CoordinationV1Api:
-    with _lock:
-        if _client is None:
-            raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kubernetes.client.CoordinationV1Api(_client)
+    return _api(kubernetes.client.CoordinationV1Api)
 
 
 LEASE_TIMEOUT = (2, 3)  # a renewal that hangs must not outlive the renew deadline
