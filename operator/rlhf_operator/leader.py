@@ -208,13 +208,18 @@ async def keep(elector: LeaderElector, on_lost: Callable[[], None]) -> None:
 
     def give_up() -> None:
         if not lost.is_set():
+            done.set()  # a renewal still in flight must not make this replica lead again
             logger.error("leader election: %s lost Lease %s", elector.identity, elector.config.name)
             elector.leading = False
             lost.set()
 
     def renew() -> None:
         while not done.wait(elector.config.retry_period):
-            if elector.try_acquire_or_renew():
+            renewed = elector.try_acquire_or_renew()
+            if done.is_set():  # given up meanwhile (past the deadline): stays given up
+                elector.leading = False
+                return
+            if renewed:
                 continue
             if elector.deadline_passed() or not _still_ours(elector):
                 loop.call_soon_threadsafe(give_up)
