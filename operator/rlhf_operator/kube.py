@@ -115,16 +115,20 @@ def configure() -> None:
         )
     # One connection per concurrent worker thread: urllib3 would otherwise discard and reopen.
     config.connection_pool_maxsize = POOL_SIZE
-    # kubernetes.client imports each API module on first use, and a module's import (hundreds
-    # of validated methods) takes seconds: importing here, not in the first reconciles, keeps
-    # 16 worker threads of a burst from queueing on the import lock.
-    kinds = [getattr(kubernetes.client, kind) for kind in _API_KINDS]
     with _lock:
         if _client is not None:
             _client.close()
         _client = kubernetes.client.ApiClient(config)
         _apis.clear()
-        _apis.update({kind: kind(_client) for kind in kinds})
+
+
+def preload() -> None:
+    """Import the API modules the operator calls. kubernetes.client imports each on first
+    use, and one import (hundreds of validated methods) takes seconds: done before the first
+    reconciles (kopf's startup; a standby's spare time), it keeps the worker threads of a
+    burst from queueing on the import lock."""
+    for kind in _API_KINDS:
+        getattr(kubernetes.client, kind)
 
 
 _API_KINDS = ("CustomObjectsApi", "CoreV1Api", "NetworkingV1Api", "CoordinationV1Api")

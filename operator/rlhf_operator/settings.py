@@ -49,6 +49,7 @@ class _QuietWakeups(logging.Filter):
 def configure(settings: kopf.OperatorSettings) -> None:
     """Apply the operator's settings and connect its API client (kopf's startup handler)."""
     kube.configure()
+    kube.preload()
     quiet = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietWakeups) for f in quiet.filters):
         quiet.addFilter(_QuietWakeups())
