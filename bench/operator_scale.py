@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import statistics
 import time
@@ -29,7 +30,10 @@ from collections import Counter
 from typing import Any
 
 import psutil
-from emulated_operator import emulated_operator  # first: puts tests/operator on sys.path
+from emulated_operator import (
+    FastEmulator,
+    emulated_operator,
+)  # first: puts tests/operator on sys.path
 from kmock import action, resource
 from kube_sim import JOBS, RAYCLUSTERS, RAYJOBS, RLHFEmulator, SimulatedKubeRay, create_job
 from kube_sim import sample_job as _sample_job
@@ -72,10 +76,13 @@ class Recorder:
         self.ready: dict[str, float] = {}
         self.rayjob: dict[str, float] = {}
         self.creates: Counter[tuple[str, str]] = Counter()
+        self.requests: Counter[tuple[str, str, str]] = Counter()  # answered < 300, by kind
         self.kinds = {resource(r): r for r in (JOBS, RAYCLUSTERS, RAYJOBS)}
         api.recorder = self  # type: ignore[attr-defined]
 
     def record(self, request: Any) -> None:
+        resource = request.resource.plural if request.resource is not None else "-"
+        self.requests[(str(request.action), resource, request.subresource or "")] += 1
         kind = self.kinds.get(request.resource)
         if kind is None:
             return
@@ -98,7 +105,7 @@ class Recorder:
         return sum(count - 1 for count in self.creates.values() if count > 1)
 
 
-class RecordingEmulator(RLHFEmulator):
+class RecordingEmulator(FastEmulator):
     """The emulator, telling its `recorder` about every write it accepted."""
 
     recorder: Recorder | None = None
@@ -161,6 +168,9 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
             emulated.stop_first.append(kubelet)  # never restart a replica during teardown
             await asyncio.sleep(5)  # the standby starts and reads the Lease
             names = [f"job-{i:04d}" for i in range(jobs)]
+            replicas = [psutil.Process(p.pid) for p in emulated.processes]
+            cpu_before = [_cpu_seconds(p) for p in replicas]
+            bench_cpu = time.process_time()
             start = time.monotonic()
             await asyncio.gather(*(create_job(api, sample_job(n)) for n in names))
             applied = time.monotonic() - start
@@ -168,6 +178,18 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
             wall = time.monotonic() - start
 
             _print_scale(rec, names, jobs, applied, finished, wall)
+            spent = []
+            for process, before in zip(replicas, cpu_before, strict=True):
+                try:
+                    spent.append(f"{1000 * (_cpu_seconds(process) - before) / jobs:.0f}")
+                except psutil.NoSuchProcess:
+                    spent.append("(restarted)")
+            emulator_ms = 1000 * (time.process_time() - bench_cpu) / jobs
+            print(
+                f"  CPU per job until all Succeeded: operator replicas {' and '.join(spent)} ms, "
+                f"emulator + simulated KubeRay {emulator_ms:.0f} ms",
+                flush=True,
+            )
 
             await asyncio.sleep(3)  # the last status writes and Events settle
             rest_cpu = rss = float("nan")
@@ -211,6 +233,7 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
     print(f"  children created twice {rec.duplicates()}   target: 0")
     print(f"  replicas restarted after losing the Lease on the loaded machine: {emulated.restarts}")
     print(f"  operator logs           {emulated.workdir}")
+    print(f"  at the end: {_load()}")
     return 0
 
 
@@ -220,7 +243,12 @@ def _print_scale(
     to_cluster = [rec.cluster[n] - rec.applied[n] for n in names if n in rec.cluster]
     to_rayjob = [rec.rayjob[n] - rec.ready[n] for n in names if n in rec.rayjob and n in rec.ready]
     print(f"operator scale: {jobs} RLHFJobs applied at once (in {applied:.1f} s), 2 replicas")
-    print(f"  {finished}/{jobs} jobs Succeeded after {wall:.1f} s")
+    print(f"  {finished}/{jobs} jobs Succeeded after {wall:.1f} s; {_load()}")
+    top = ", ".join(
+        f"{action.split('.')[-1].lower()} {plural}{'/' + sub if sub else ''} {n / jobs:.1f}"
+        for (action, plural, sub), n in rec.requests.most_common(8)
+    )
+    print(f"  API writes and reads per job (all clients): {top}")
     for label, values, target in (
         ("apply -> RayCluster", to_cluster, TARGET_CLUSTER_P99_S),
         ("ready -> first RayJob", to_rayjob, TARGET_RAYJOB_P99_S),
@@ -232,6 +260,12 @@ def _print_scale(
                 f"({len(values)}/{jobs} jobs)",
                 flush=True,
             )
+
+
+def _load() -> str:
+    """The machine's load (the figures depend on it: a shared machine)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def main() -> int:

@@ -105,6 +105,8 @@ async def run(args: argparse.Namespace) -> int:
     try:
         if args.leader_election:
             kube.configure()
+            # Imported while standing by, not after taking over (kopf's startup waits for it).
+            preloading = asyncio.get_running_loop().run_in_executor(None, kube.preload)
             elector = leader.LeaderElector(lease_config(args))
             status.identity = elector.identity
             status.ready = lambda: elector.contacted
@@ -112,6 +114,7 @@ async def run(args: argparse.Namespace) -> int:
             METRICS.set_leader(False)
             logger.info("leader election: %s waits for Lease %s", elector.identity, args.lease_name)
             await leader.acquire(elector)
+            await preloading
             METRICS.set_leader(True)
 
             def lost() -> None:
@@ -137,7 +140,7 @@ async def run(args: argparse.Namespace) -> int:
         if keeper is not None:
             keeper.cancel()
         if elector is not None and not status.lost:
-            await asyncio.to_thread(elector.release)
+            await leader.release(elector)
         if probes is not None:
             await probes.cleanup()
 

@@ -95,6 +95,8 @@ async def reconcile(
         resync=operator_settings.RESYNC_INTERVAL,
         error_backoff=operator_settings.ERROR_BACKOFF,
         executor=memo.executor,
+        first_after=lambda: wake.guarded(body),
+        first_wait=operator_settings.FINALIZER_WAIT,
     )
 
 

@@ -119,14 +119,32 @@ def configure() -> None:
         if _client is not None:
             _client.close()
         _client = kubernetes.client.ApiClient(config)
+        _apis.clear()
+
+
+def preload() -> None:
+    """Import the API modules the operator calls. kubernetes.client imports each on first
+    use, and one import (hundreds of validated methods) takes seconds: done before the first
+    reconciles (kopf's startup; a standby's spare time), it keeps the worker threads of a
+    burst from queueing on the import lock."""
+    for kind in _API_KINDS:
+        getattr(kubernetes.client, kind)
+
+
+_API_KINDS = ("CustomObjectsApi", "CoreV1Api", "NetworkingV1Api", "CoordinationV1Api")
+_apis: dict[type, Any] = {}
+"""One client per API group on the operator's connection (stateless: shared by threads)."""
 
 
 def _api(kind: type[A]) -> A:
     """An API group's client on the operator's connection (configure() first)."""
+    api = _apis.get(kind)
+    if api is not None:
+        return api
     with _lock:
         if _client is None:
             raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kind(_client)
+        return _apis.setdefault(kind, kind(_client))
 
 
 def _custom() -> kubernetes.client.CustomObjectsApi:
@@ -421,10 +439,7 @@ def lease_permissions() -> dict[tuple[str, str], list[str]]:
 
 
 def _coordination() -> kubernetes.client.CoordinationV1Api:
-    with _lock:
-        if _client is None:
-            raise RuntimeError("rlhf_operator.kube.configure() was not called")
-        return kubernetes.client.CoordinationV1Api(_client)
+    return _api(kubernetes.client.CoordinationV1Api)
 
 
 LEASE_TIMEOUT = (2, 3)  # a renewal that hangs must not outlive the renew deadline

@@ -26,10 +26,12 @@ load) single.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -192,22 +194,53 @@ async def acquire(elector: LeaderElector) -> None:
 
 async def keep(elector: LeaderElector, on_lost: Callable[[], None]) -> None:
     """Renew every retry period; past the renew deadline without a renewal, call `on_lost`
-    (the operator stops acting) and return."""
-    while True:
-        await asyncio.sleep(elector.config.retry_period)
-        # A renewal stuck on a slow API (the client retries) must not outlive the deadline.
-        left = elector.config.renew_deadline - (elector._clock() - (elector.renewed_at or 0))
-        try:
-            renewed = await asyncio.wait_for(_attempt(elector), max(left, 0.1))
-        except TimeoutError:
-            renewed = False
-        if renewed:
-            continue
-        if elector.deadline_passed() or not _still_ours(elector):
+    (the operator stops acting) and return.
+
+    The renewals run on the Lease's own thread with its own clock, not on the event loop:
+    a loop busy with a burst of watch events (thousands of jobs applied at once) would wake a
+    renewal late, and a leader must not lose its Lease to its own reconcile work. The loop
+    only watches the deadline: a renewal stuck on a slow API (the client retries) must not
+    let this replica act past it.
+    """
+    loop = asyncio.get_running_loop()
+    done = threading.Event()
+    lost = asyncio.Event()
+
+    def give_up() -> None:
+        if not lost.is_set():
+            done.set()  # a renewal still in flight must not make this replica lead again
             logger.error("leader election: %s lost Lease %s", elector.identity, elector.config.name)
             elector.leading = False
-            on_lost()
-            return
+            lost.set()
+
+    def renew() -> None:
+        while not done.wait(elector.config.retry_period):
+            renewed = elector.try_acquire_or_renew()
+            if done.is_set():  # given up meanwhile (past the deadline): stays given up
+                elector.leading = False
+                return
+            if renewed:
+                continue
+            if elector.deadline_passed() or not _still_ours(elector):
+                loop.call_soon_threadsafe(give_up)
+                return
+
+    renewals = loop.run_in_executor(_LEASE_THREAD, renew)
+    try:
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), elector.config.retry_period / 2)
+            if elector.deadline_passed():
+                give_up()
+        on_lost()
+    finally:
+        done.set()  # the thread ends at its next wake-up (release() queues behind it)
+        renewals.cancel()
+
+
+async def release(elector: LeaderElector) -> None:
+    """Hand the Lease back, on the Lease's thread: after the last renewal, never before it."""
+    await asyncio.get_running_loop().run_in_executor(_LEASE_THREAD, elector.release)
 
 
 def _still_ours(elector: LeaderElector) -> bool:

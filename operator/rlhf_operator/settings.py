@@ -23,6 +23,10 @@ and Events do not wake a job (wake.py watches only the job and its Ray children)
 waiting for its cluster also wakes at this interval; many jobs queued for GPUs cost the API
 server little."""
 
+FINALIZER_WAIT = float(os.environ.get("RLHF_FINALIZER_WAIT", "2"))
+"""Seconds a new job's first reconcile waits for kopf's finalizer to land (wake.py): the
+write that would race it is refused anyway. A finalizer that never comes only delays it."""
+
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
 
@@ -45,6 +49,7 @@ class _QuietWakeups(logging.Filter):
 def configure(settings: kopf.OperatorSettings) -> None:
     """Apply the operator's settings and connect its API client (kopf's startup handler)."""
     kube.configure()
+    kube.preload()
     quiet = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietWakeups) for f in quiet.filters):
         quiet.addFilter(_QuietWakeups())

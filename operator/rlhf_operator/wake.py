@@ -90,6 +90,12 @@ def owner_uids(body: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def guarded(body: Mapping[str, Any]) -> bool:
+    """The job carries the operator's finalizer (kopf adds it first), or is being deleted."""
+    meta = body.get("metadata") or {}
+    return names.FINALIZER in (meta.get("finalizers") or []) or bool(meta.get("deletionTimestamp"))
+
+
 def next_due(body: Mapping[str, Any], now: datetime) -> float | None:
     """Seconds until a decision about this job changes with time alone (None: never).
 
@@ -153,6 +159,8 @@ async def reconcile_loop(
     resync: float,
     error_backoff: float,
     executor: Executor | None = None,
+    first_after: Callable[[], bool] | None = None,
+    first_wait: float = 0.0,
 ) -> None:
     """Run `reconcile` (blocking: in `executor`) now and whenever the job is woken or due.
 
@@ -161,12 +169,23 @@ async def reconcile_loop(
     after the reconcile in flight, if any, finished. A reconcile that raises is retried
     after `error_backoff` seconds, doubling up to `resync`; it never ends the loop (kopf would
     not restart a daemon that failed for good).
+
+    `first_after`: the first reconcile waits (woken by the job's changes, at most
+    `first_wait` seconds) until it holds — kopf adds its finalizer to a new job just as it
+    starts this loop, and a decision made on the job read before that write would be refused
+    (409) and made again on a fresh read: two API calls per new job, for nothing.
     """
     meta = body.get("metadata") or {}
     event = wakeups.register(uid, (meta.get("namespace") or "", meta.get("name") or ""))
     loop = asyncio.get_running_loop()
     failures = 0
     try:
+        deadline = loop.time() + first_wait
+        while first_after is not None and not first_after() and not stopped:
+            if loop.time() >= deadline:
+                break
+            event.clear()
+            await _sleep(event, stopped, deadline - loop.time())
         while not stopped:
             event.clear()  # a change seen during this reconcile wakes the next one
             try:

@@ -558,6 +558,7 @@ class SimulatedKubeRay(TickingController):
         self.runs: dict[str, RayJobRun] = {}  # RayJob uid -> its Ray job
         self.peak_drivers: dict[tuple[str, str], int] = {}
         self._age: dict[tuple[str, str, str], int] = {}
+        self._pods: dict[tuple[str, str], list[dict[str, Any]]] | None = None
 
     def _older(self, kind: str, obj: Mapping[str, Any]) -> int:
         meta = obj["metadata"]
@@ -575,6 +576,7 @@ class SimulatedKubeRay(TickingController):
 
     async def step(self) -> None:
         """One tick of the controller."""
+        self._pods = None  # read once per tick, when a cluster comes up (see _pods_running)
         ready: set[tuple[str, str]] = set()
         clusters = set()
         for cluster in self.api.live(RAYCLUSTERS):
@@ -627,6 +629,8 @@ class SimulatedKubeRay(TickingController):
         for name, node_type, container, pod_image in pods:
             pod = _pod(cluster, name, node_type, container, pod_image)
             await _create(self.api, PODS, meta["namespace"], pod)  # status: the scheduler's
+            if self._pods is not None:
+                self._pods.setdefault((meta["namespace"], meta["name"]), []).append(pod)
             status = _pending_pod(container, node_type, problem)
             await _patch(self.api, PODS, pod["metadata"], {"status": status}, "status")
             for reason, message, source in _pod_warnings(node_type, problem):
@@ -635,10 +639,15 @@ class SimulatedKubeRay(TickingController):
                 )
 
     async def _pods_running(self, cluster: Mapping[str, Any]) -> None:
-        name = cluster["metadata"]["name"]
-        for pod in self.api.live(PODS, cluster["metadata"]["namespace"]):
-            if (pod["metadata"].get("labels") or {}).get(names.LABEL_RAY_CLUSTER) == name:
-                await _patch(self.api, PODS, pod["metadata"], {"status": RUNNING_POD}, "status")
+        if self._pods is None:  # the pods by cluster, once per tick (a fleet comes up at once)
+            self._pods = {}
+            for pod in self.api.live(PODS):
+                meta = pod["metadata"]
+                owner = (meta.get("labels") or {}).get(names.LABEL_RAY_CLUSTER)
+                self._pods.setdefault((meta.get("namespace"), owner), []).append(pod)
+        key = (cluster["metadata"]["namespace"], cluster["metadata"]["name"])
+        for pod in self._pods.get(key, []):
+            await _patch(self.api, PODS, pod["metadata"], {"status": RUNNING_POD}, "status")
 
     # ---- RayJob
 

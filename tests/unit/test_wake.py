@@ -93,6 +93,42 @@ async def test_the_loop_reconciles_when_woken_and_sleeps_otherwise() -> None:
     assert len(wakeups) == 0
 
 
+async def test_a_new_jobs_first_reconcile_waits_for_kopfs_finalizer() -> None:
+    """kopf adds its finalizer as it starts the loop: the first decision waits for that write
+    (woken by it), else its own write would be refused (409). A finalizer that never comes
+    only delays it."""
+    wakeups, runs = wake.Wakeups(), []
+    job: dict[str, Any] = {"metadata": {"name": "j", "namespace": "ns"}, "status": {}}
+    loop = asyncio.create_task(
+        wake.reconcile_loop(
+            "u1", job, wakeups, lambda: runs.append(1), resync=60, error_backoff=0.01,
+            first_after=lambda: wake.guarded(job), first_wait=30,
+        )
+    )  # fmt: skip
+    await asyncio.sleep(0.2)
+    assert runs == []
+    job["metadata"]["finalizers"] = ["rlhf.dev/cleanup"]
+    wakeups.wake("u1")  # the finalizer's watch event
+    await asyncio.sleep(0.2)
+    assert runs == [1]
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+
+    never: dict[str, Any] = {"metadata": {"name": "k", "namespace": "ns"}, "status": {}}
+    loop = asyncio.create_task(
+        wake.reconcile_loop(
+            "u2", never, wakeups, lambda: runs.append(2), resync=60, error_backoff=0.01,
+            first_after=lambda: wake.guarded(never), first_wait=0.3,
+        )
+    )  # fmt: skip
+    await asyncio.sleep(0.1)
+    assert 2 not in runs
+    await asyncio.sleep(0.5)
+    assert runs == [1, 2]
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+
+
 async def test_a_failing_reconcile_is_retried_and_never_ends_the_loop() -> None:
     wakeups, runs = wake.Wakeups(), []
 

@@ -257,7 +257,7 @@ def _reconcile_once(
     A warm cluster claimed in this reconcile is ready now: the job decides once more with it,
     so its first stage starts at once instead of a timer tick later (the warm pool's point).
     """
-    clusters = explain_waiting(body, clusters)
+    clusters = explain_waiting(body, clusters, now)
     status, decision = decide(body, clusters, rayjobs, now, pool, reports)
     body, claimed = apply(body, status, decision, post, now)
     if claimed is None:
@@ -268,14 +268,23 @@ def _reconcile_once(
     return decision
 
 
-def explain_waiting(body: Mapping[str, Any], clusters: Index) -> Index:
+def explain_waiting(body: Mapping[str, Any], clusters: Index, now: datetime | None = None) -> Index:
     """The clusters index, with what the pods say about the job's cluster while the job waits
     for it to be ready (only then: a list of its pods, and of Warning Events for at most
     `kuberay.EXPLAINED_PODS` of them). KubeRay's conditions name few reasons (an unschedulable
-    GPU worker leaves its head ready); the scheduler and the kubelet say the rest."""
+    GPU worker leaves its head ready); the scheduler and the kubelet say the rest.
+
+    Only once the cluster has waited `settings.EXPLAIN_INTERVAL`: a cluster just created has
+    no pod worth explaining yet, and a fleet of jobs applied at once must not cost a pod list
+    each before their clusters come up (the loop wakes at that interval while waiting)."""
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     namespace, name = meta.get("namespace"), (status.get("cluster") or {}).get("name")
     if status.get("phase") != "Provisioning" or not name or meta.get("deletionTimestamp"):
+        return clusters
+    since = parse_time((status.get("cluster") or {}).get("waitingSince"))
+    # waitingSince has whole seconds: a wake-up one interval later may read as a second short
+    waited = ((now or datetime.now(UTC)) - since).total_seconds() + 1 if since else None
+    if waited is not None and waited < settings.EXPLAIN_INTERVAL:
         return clusters
     cluster: ClusterObservation | None = _first(clusters, namespace, name)
     if (
