@@ -98,33 +98,32 @@ async def test_a_new_jobs_first_reconcile_waits_for_kopfs_finalizer() -> None:
     (woken by it), else its own write would be refused (409). A finalizer that never comes
     only delays it."""
     wakeups, runs = wake.Wakeups(), []
+
+    def first_waiting_loop(uid: str, job: dict[str, Any], first_wait: float) -> asyncio.Task:
+        return asyncio.create_task(
+            wake.reconcile_loop(
+                uid, job, wakeups, lambda: runs.append(uid), resync=60, error_backoff=0.01,
+                first_after=lambda: wake.guarded(job), first_wait=first_wait,
+            )
+        )  # fmt: skip
+
     job: dict[str, Any] = {"metadata": {"name": "j", "namespace": "ns"}, "status": {}}
-    loop = asyncio.create_task(
-        wake.reconcile_loop(
-            "u1", job, wakeups, lambda: runs.append(1), resync=60, error_backoff=0.01,
-            first_after=lambda: wake.guarded(job), first_wait=30,
-        )
-    )  # fmt: skip
+    loop = first_waiting_loop("u1", job, first_wait=30)
     await asyncio.sleep(0.2)
     assert runs == []
     job["metadata"]["finalizers"] = ["rlhf.dev/cleanup"]
     wakeups.wake("u1")  # the finalizer's watch event
     await asyncio.sleep(0.2)
-    assert runs == [1]
+    assert runs == ["u1"]
     loop.cancel()
     await asyncio.gather(loop, return_exceptions=True)
 
     never: dict[str, Any] = {"metadata": {"name": "k", "namespace": "ns"}, "status": {}}
-    loop = asyncio.create_task(
-        wake.reconcile_loop(
-            "u2", never, wakeups, lambda: runs.append(2), resync=60, error_backoff=0.01,
-            first_after=lambda: wake.guarded(never), first_wait=0.3,
-        )
-    )  # fmt: skip
+    loop = first_waiting_loop("u2", never, first_wait=0.3)
     await asyncio.sleep(0.1)
-    assert 2 not in runs
+    assert "u2" not in runs
     await asyncio.sleep(0.5)
-    assert runs == [1, 2]
+    assert runs == ["u1", "u2"]
     loop.cancel()
     await asyncio.gather(loop, return_exceptions=True)
 
