@@ -8,6 +8,7 @@ creates no pods for a suspended cluster (it never becomes ready), as KubeRay.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ import aiohttp.web
 import attrs
 import kmock
 import pytest
-from conftest import KUBECONFIG
 from kmock._internal import rendering
 from kube_sim import (
     JOBS,
@@ -54,7 +54,7 @@ class KueueWebhookEmulator(RLHFEmulator):
 @pytest.fixture()
 async def api(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RLHFEmulator]:
     async with KueueWebhookEmulator() as emulator, kmock.Server(emulator) as server:
-        write_kubeconfig(str(server.url).rstrip("/"), Path(KUBECONFIG))
+        write_kubeconfig(str(server.url).rstrip("/"), Path(os.environ["KUBECONFIG"]))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield emulator
         emulator.release_all()
