@@ -382,9 +382,10 @@ def plan_stages(job: RLHFJob, model_config: str | None = None) -> list[StagePlan
                 lora_value = lora_params(value, par.lora.rank)
                 held.append(Held("value (LoRA)", value, lora_value, value.params))
         else:
-            held = [full("policy", policy), frozen("reference", policy)]
+            held = [full("policy", policy)]
             if ppo.has_critic:
-                held.insert(1, full("value", value))
+                held.append(full("value", value))
+            held.append(frozen("reference", policy))
         held.append(frozen("reward model", shapes["reward"]))
         train = activations(policy, micro, seq, width, ckpt)
         if ppo.has_critic:  # critic-free algorithms build no value model at all
