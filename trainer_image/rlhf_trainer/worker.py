@@ -30,7 +30,7 @@ from rlhf_trainer.artifacts import (
     Artifact,
     checkpoint_dir_name,
 )
-from rlhf_trainer.engine import load_state, save_state, select_accelerator
+from rlhf_trainer.engine import load_state, save_pretrained, save_state, select_accelerator
 from rlhf_trainer.jobspec import spec_digest
 from rlhf_trainer.progress import FileSink, ProgressReporter, finite_metrics
 from rlhf_trainer.tensorboard import TENSORBOARD_DIR, TensorBoardSink
@@ -195,6 +195,22 @@ class StageWorker:
                 shutil.rmtree(directory, ignore_errors=True)
 
     # ------------------------------------------------------------------ results
+
+    def save_model(self, engine: Any, tokenizer: Any, hf_model: Any = None) -> None:
+        """The stage's trained model (+ tokenizer) as its `model` artifact, published once
+        written. `hf_model`: the transformers model inside the engine, if not its module itself.
+        Collective under ZeRO-3."""
+        with self.timed("save"):
+            save_pretrained(
+                engine,
+                engine.module if hf_model is None else hf_model,
+                tokenizer,
+                self.artifact.path("model"),
+                self.rank,
+                self.job.spec.parallelism.zero_stage,
+            )
+            if self.is_main:
+                self.artifact.publish("model")
 
     def finish(self, metrics: Mapping[str, float], *, steps_run: int, total_steps: int) -> None:
         """Write metrics.json, history.jsonl and run.json (rank 0); final progress report.

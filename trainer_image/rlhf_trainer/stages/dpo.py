@@ -230,15 +230,5 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics.update(held_out())
         metrics.update(sampled_kl())
     worker.log(schedule.total_steps, metrics)
-    with worker.timed("save"):
-        ds.save_pretrained(
-            policy,
-            policy.module,
-            tokenizer,
-            worker.artifact.path("model"),
-            worker.rank,
-            spec.parallelism.zero_stage,
-        )
-        if worker.is_main:
-            worker.artifact.publish("model")
+    worker.save_model(policy, tokenizer)
     worker.finish(metrics, steps_run=schedule.total_steps - start, total_steps=schedule.total_steps)

@@ -376,7 +376,6 @@ def load_models(worker: Any, mini_batch: int) -> Models:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import BatchPlan, prompt_ids
     from rlhf_trainer.losses import AdaptiveKLController, FixedKLController
     from rlhf_trainer.reward_model import RewardScorer, max_length
@@ -465,15 +464,5 @@ def train_loop(config: dict[str, Any]) -> None:
             worker.log(done, metrics)
             if done < ppo.steps and done % ppo.checkpoint_every_steps == 0:
                 worker.save_checkpoint(done, trained, metrics, {"kl_coef": kl_control.value})
-    with worker.timed("save"):
-        ds.save_pretrained(
-            engines["policy"],
-            engines["policy"].module,
-            tokenizer,
-            worker.artifact.path("model"),
-            worker.rank,
-            spec.parallelism.zero_stage,
-        )
-        if worker.is_main:
-            worker.artifact.publish("model")
+    worker.save_model(engines["policy"], tokenizer)
     worker.finish(metrics, steps_run=ppo.steps - start, total_steps=ppo.steps)

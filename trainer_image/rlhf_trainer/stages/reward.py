@@ -154,15 +154,5 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("eval"):
         metrics["eval_accuracy"] = held_out_accuracy()
     worker.log(schedule.total_steps, metrics)
-    with worker.timed("save"):
-        ds.save_pretrained(
-            engine,
-            engine.module.model,
-            tokenizer,
-            worker.artifact.path("model"),
-            worker.rank,
-            spec.parallelism.zero_stage,
-        )
-        if worker.is_main:
-            worker.artifact.publish("model")
+    worker.save_model(engine, tokenizer, engine.module.model)
     worker.finish(metrics, steps_run=schedule.total_steps - start, total_steps=schedule.total_steps)

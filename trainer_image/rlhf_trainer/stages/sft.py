@@ -139,15 +139,5 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("eval"):
         metrics["eval_loss"] = held_out_loss()
     worker.log(schedule.total_steps, metrics)
-    with worker.timed("save"):
-        ds.save_pretrained(
-            engine,
-            engine.module,
-            tokenizer,
-            worker.artifact.path("model"),
-            worker.rank,
-            spec.parallelism.zero_stage,
-        )
-        if worker.is_main:
-            worker.artifact.publish("model")
+    worker.save_model(engine, tokenizer)
     worker.finish(metrics, steps_run=schedule.total_steps - start, total_steps=schedule.total_steps)
