@@ -161,11 +161,15 @@ def make_tokenizer(corpus: list[str], out_dir: Path):
     return fast
 
 
-def make_model(tokenizer, out_dir: Path, seed: int, heads: int = 4) -> int:
+def make_model(
+    tokenizer, out_dir: Path, seed: int, heads: int = 4, untied_head: bool = False
+) -> int:
     """A randomly initialised GPT-2-style model from a config; returns its parameter count.
 
     `heads`: attention heads over 64 dimensions; vLLM's CPU attention needs heads of at least 32
-    dimensions (`--heads 2`, what the vLLM rollout tests use)."""
+    dimensions (`--heads 2`, what the vLLM rollout tests use).
+    `untied_head`: an output layer of its own instead of GPT-2's tied token embeddings (as GPT-J
+    and Llama have), which LoRA can adapt (`--untied-head`, what the LoRA PPO test uses)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -184,6 +188,7 @@ def make_model(tokenizer, out_dir: Path, seed: int, heads: int = 4) -> int:
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=not untied_head,
     )
     model = GPT2LMHeadModel(config)
     model.save_pretrained(out_dir)
@@ -195,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "tiny"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heads", type=int, default=4, help="attention heads (2 for vLLM on CPU)")
+    parser.add_argument(
+        "--untied-head",
+        action="store_true",
+        help="an output layer of its own, not tied to the token embeddings (LoRA can adapt it)",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"sft": 2000, "preferences": 2000, "prompts": 1024, "eval": 64}
     corpus = make_corpus(out, rng, sizes)
     tokenizer = make_tokenizer(corpus, out / "model")
-    parameters = make_model(tokenizer, out / "model", args.seed, args.heads)
+    parameters = make_model(tokenizer, out / "model", args.seed, args.heads, args.untied_head)
     counts = ", ".join(f"{n} {name}" for name, n in sizes.items())
     print(
         f"tiny example in {out}: {counts}; vocabulary {len(tokenizer)} words; "

@@ -1,11 +1,17 @@
-"""LoRA PPO (`spec.parallelism.lora`) on the tiny task from the session's SFT and reward models
-(tiny_run): it raises the reward model's and the true sentiment count's means well above the SFT
-policy's, only the adapters (and the value model's scalar head) trained, and the policy is saved
-as a plain transformers model with the adapters merged.
+"""LoRA PPO (`spec.parallelism.lora`) on the tiny task meets the tiny targets (win rate >= 0.8
+and prompts improved >= 0.9 by the reward model and by the true sentiment count), only the
+adapters (and the value model's scalar head) trained, and the policy is saved as a plain
+transformers model with the adapters merged.
 
-Not asserted: the tiny targets (win rate >= 0.8, prompts improved >= 0.9). No LoRA recipe tried
-within the test budget met them (README, "LoRA": win rates 0.56-0.64 by the reward model and by
-the true score where full fine-tuning wins 0.94); this recipe was the best of them."""
+The tiny model here has an output layer of its own (`make_tiny --untied-head`, as GPT-J and Llama
+have; GPT-2 ties it to the token embeddings) and the adapters reach it (`lm_head`). On the tied
+tiny model LoRA cannot: SFT trains the ten positive and ten negative words as interchangeable,
+so their (tied) output embeddings barely differ (class means 0.07 apart, each class spread
+0.14), and with the embeddings frozen and the final LayerNorm bounding the hidden state, no
+adapter on the blocks can make the policy prefer one class much. Every tied recipe levelled off
+at win rates 0.56-0.64 (README, "LoRA"); the same recipe with the head adapted meets the targets
+as full fine-tuning does. Own SFT and reward models (the untied model), test-sized as tiny_run's.
+"""
 
 from __future__ import annotations
 
@@ -16,35 +22,37 @@ import pytest
 import torch
 from rlhf_trainer.jobspec import parse_job, with_absolute_paths
 from rlhf_trainer.launcher import run_stage
-from rlhf_trainer.local import LocalRun
-from test_algorithms import copy_upstream
-from tiny_jobs import tiny_manifest
+from tiny_jobs import load_make_tiny, tiny_manifest
 
 pytestmark = pytest.mark.slow
 
-TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention and MLP matrices (lm_head is tied)
+WIN_RATE, IMPROVED = 0.8, 0.9
+TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]  # every matrix of the blocks, and the head
 LORA = {"rank": 16, "alpha": 32, "targetModules": TARGETS}
 PPO = {"learningRate": 3.0e-3, "valueLearningRate": 3.0e-3}
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_run: LocalRun, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def lora_run(ray_session, tmp_path_factory: pytest.TempPathFactory):
+    tiny_dir = tmp_path_factory.mktemp("tiny-untied")
+    load_make_tiny().main(["--out", str(tiny_dir), "--untied-head"])
     storage = tmp_path_factory.mktemp("lora")
-    copy_upstream(tiny_run, storage)
     manifest = tiny_manifest(tiny_dir, storage, ppo=PPO)
     manifest["spec"]["parallelism"]["lora"] = LORA
     job = with_absolute_paths(parse_job(manifest))
-    return storage / "tiny-reviews", run_stage(job, "ppo"), run_stage(job, "evaluation")
+    results = {stage: run_stage(job, stage) for stage in ("sft", "reward", "ppo", "evaluation")}
+    return storage / "tiny-reviews", results["ppo"], results["evaluation"]
 
 
-def test_lora_ppo_raises_the_reward_and_the_true_score(lora_run) -> None:
-    """Measured: reward 0.03 -> 1.55, true score 0.08 -> 1.14 per response, win rates 0.64
-    and 0.59 (a gain of 0.5 is about a third of a sentiment word per clause)."""
+def test_lora_ppo_meets_the_tiny_targets(lora_run) -> None:
+    """By the reward model and by the true sentiment count (the judge), as full fine-tuning."""
     _, rl, evaluation = lora_run
     metrics = evaluation.metrics
-    assert metrics["mean_reward_rlhf"] > metrics["mean_reward_sft"] + 0.5, metrics
-    assert metrics["judge_mean_rlhf"] > metrics["judge_mean_sft"] + 0.5, metrics
-    assert metrics["win_rate"] > 0.5 and metrics["judge_win_rate"] > 0.5, metrics
+    assert metrics["win_rate"] >= WIN_RATE, metrics
+    assert metrics["prompts_improved_fraction"] >= IMPROVED, metrics
+    assert metrics["judge_win_rate"] >= WIN_RATE, metrics
+    assert metrics["judge_prompts_improved_fraction"] >= IMPROVED, metrics
+    assert metrics["judge_mean_rlhf"] > metrics["judge_mean_sft"], metrics
     assert math.isfinite(rl.metrics["kl"])
 
 
@@ -57,7 +65,8 @@ def _trained(state_file: Path) -> list[str]:
 def test_lora_ppo_trains_only_adapters_and_saves_a_plain_merged_model(lora_run) -> None:
     """The optimizers held the adapters (and the value model's head) only; the saved policy
     loads with transformers alone, its untargeted weights (embeddings, layer norms, biases) are
-    the SFT model's bit for bit and its targeted matrices moved (the adapters merged in)."""
+    the SFT model's bit for bit and its targeted matrices, the head included, moved (the
+    adapters merged in)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
