@@ -211,6 +211,36 @@ def test_lora_refuses_adapters_on_tied_embeddings(tiny_dir: Path) -> None:
         )
 
 
+def test_lora_on_an_untied_head_saves_merged_as_it_was_trained(tiny_dir: Path, tmp_path) -> None:
+    """A head of its own takes an adapter; the merged save gives the adapted policy's logits
+    and leaves the token embeddings as they were."""
+    from rlhf_trainer.lora import add_policy_adapters, save_merged
+    from rlhf_trainer.models import load_causal_lm
+    from transformers import AutoModelForCausalLM
+
+    model = load_causal_lm(str(tiny_dir / "model"), "f")
+    untied = tmp_path / "untied"
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+    model.save_pretrained(untied)
+    embeddings = model.transformer.wte.weight.detach().clone()
+
+    policy = add_policy_adapters(
+        load_causal_lm(str(untied), "f"), LoraSpec(target_modules=["c_attn", "lm_head"]), 0, "f"
+    )
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapters something to merge
+                param.normal_(0, 0.1)
+    ids = torch.tensor([[3, 5, 7, 11, 13, 17]])
+    adapted = policy(input_ids=ids).logits
+    save_merged(policy, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged.transformer.wte.weight, embeddings)
+    assert not torch.equal(merged.lm_head.weight, embeddings)
+
+
 def test_lora_value_model_trains_its_adapters_and_one_head(tiny_dir: Path) -> None:
     """The value model's trainable parameters are its backbone's adapters and the one scalar
     head its forward uses, and each of them gets a gradient (no idle copy in the optimizer)."""

@@ -82,7 +82,9 @@ def _refuse_tied_targets(peft_model: torch.nn.Module, field: str) -> None:
             raise UserError(
                 f"{FIELD}.targetModules: {target} shares its weight with another module ({tied}; "
                 f"tied embeddings of model {field}), so its merged adapter would change both; "
-                f"drop {target} from targetModules (adapt the layers between them instead)."
+                f"drop {target} from targetModules (adapt the layers between them instead), or "
+                "start from a copy of the model with its own output layer (tie_word_embeddings: "
+                "false, the head copied from the embeddings) to adapt it."
             )
 
 
