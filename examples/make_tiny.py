@@ -19,7 +19,8 @@ with no download:
                             randomly initialised 2-layer GPT-2 from a config (`save_pretrained`)
 
 Run from the repository root: `python examples/make_tiny.py [--out examples/tiny]`. Output is
-deterministic for a given --seed; an existing directory is overwritten.
+deterministic for a given --seed; an existing directory is overwritten. Variants for tests:
+`--heads 2` (vLLM's CPU attention), `--untied-head` (an output layer LoRA can adapt).
 """
 
 from __future__ import annotations
