@@ -343,7 +343,24 @@ FAIL: Plan = [
         "jobDeploymentStatus": "Failed",
         "jobStatus": "FAILED",
         "reason": "AppFailed",
-        "message": "Job entrypoint command failed with exit code 1: CUDA out of memory",
+        "message": "Job entrypoint command failed with exit code 1, last available logs "
+        "(truncated to 20,000 chars):\ntorch.OutOfMemoryError: CUDA out of memory\n"
+        "error: sft failed: OutOfMemoryError: CUDA out of memory",
+    },
+]
+BAD_INPUT: Plan = [
+    {"jobDeploymentStatus": "Initializing"},
+    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+    # The trainer's exit 2 (CONTRACTS §6) as Ray's job supervisor reports it and KubeRay
+    # mirrors it: the log tail ends with the line naming the field.
+    {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "reason": "AppFailed",
+        "message": "Job entrypoint command failed with exit code 2, last available logs "
+        "(truncated to 20,000 chars):\nINFO loading s3://bucket/reviews.jsonl\n"
+        "error: spec.stages.sft.dataset.promptField: column 'prompt' is not in the dataset "
+        "(columns: text); set promptField to one of them.",
     },
 ]
 HANG: Plan = [

@@ -13,6 +13,7 @@ from typing import Any
 
 import kmock
 from kube_sim import (
+    BAD_INPUT,
     FAIL,
     HANG,
     JOBS,
@@ -143,6 +144,25 @@ async def test_a_stage_that_exhausts_its_retries_fails_the_job_with_the_reason(
     await eventually(lambda: not api.live(RAYCLUSTERS))
     await eventually(lambda: "JobFailed" in api.reasons_for("doomed"))
     assert "StageFailed" in api.reasons_for("doomed")
+
+
+async def test_a_stage_that_refuses_its_input_fails_the_job_at_once_naming_the_field(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay, operator: OperatorRunner
+) -> None:
+    """Exit 2 (bad input, CONTRACTS §6) is not retried: a new attempt would read the same
+    input and fail the same way, after paying for it again."""
+    kuberay.plan = lambda rj: BAD_INPUT if stage_of(rj)[0] == "sft" else SUCCEED
+    await create_job(api, sample_job("typo", runPolicy={"backoffLimit": 3}))
+    await eventually(phase_is(api, "typo", "Failed"))
+
+    job = status(api, "typo")
+    assert "Stage sft failed after 1 attempt(s)" in job["message"]
+    assert "error: spec.stages.sft.dataset.promptField: column 'prompt'" in job["message"]
+    assert "not retried" in job["message"] and "re-create the RLHFJob" in job["message"]
+    assert kuberay.submitted == ["typo-sft-1"]
+    assert status(api, "typo")["stages"]["sft"]["failures"] == 1
+    await eventually(lambda: "JobFailed" in api.reasons_for("typo"))
+    assert "StageRetried" not in api.reasons_for("typo")
 
 
 async def test_an_operator_restart_mid_stage_resumes_without_duplicates(

@@ -277,6 +277,20 @@ def test_jobstatus_and_deployment_status_are_read_together(
     assert rayjob_outcome(rayjob("x", job_status, deployment))[0] is outcome
 
 
+def test_a_stage_that_exited_2_is_bad_input_named_by_its_error_line() -> None:
+    message = (
+        "Job entrypoint command failed with exit code 2, last available logs (truncated to "
+        "20,000 chars):\nINFO starting\nerror: spec.stages.sft.dataset.uri: no such file; fix it"
+        "\n"
+    )
+    outcome, why = rayjob_outcome(rayjob("x", "FAILED", "Failed", message=message))
+    assert outcome is Outcome.BAD_INPUT
+    assert why.endswith("(exit code 2): error: spec.stages.sft.dataset.uri: no such file; fix it")
+    for code in ("1", "21", "137"):  # any other exit is an ordinary, retried failure
+        failed = rayjob("x", "FAILED", "Failed", message=message.replace("code 2", f"code {code}"))
+        assert rayjob_outcome(failed)[0] is Outcome.FAILED
+
+
 def test_failure_messages_carry_kuberays_reason() -> None:
     _, why = rayjob_outcome(rayjob("x", "", "Failed", reason="SubmissionFailed", message="no"))
     assert "SubmissionFailed" in why and "RayJob x" in why

@@ -12,11 +12,17 @@ A RayJob has two statuses that drift apart: `jobStatus` (the Ray job, from the d
     any                       ValidationFailed         rejected (KubeRay refused the RayJob's
                                                        spec: terminal, never retried)
     other or empty            anything else            running (Initializing, Running, ...)
+
+A failed Ray job whose entrypoint exited with code 2 (the trainer's "bad input", CONTRACTS §6)
+is `bad input`: terminal, since a retry would read the same input. The exit code is read from
+the message Ray's job supervisor writes and KubeRay mirrors ("Job entrypoint command failed
+with exit code N, last available logs ..."), the only place either puts it.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +48,9 @@ DEPLOYMENT_VALIDATION_FAILED = "ValidationFailed"
 COND_REPLICA_FAILURE = "ReplicaFailure"  # True: KubeRay could not create a pod (e.g. no SA)
 
 MESSAGE_LIMIT = 400  # KubeRay messages can carry a driver's traceback; status keeps the gist
+# Ray's job supervisor (dashboard/modules/job/job_supervisor.py) on a non-zero entrypoint exit.
+ENTRYPOINT_EXIT = re.compile(r"Job entrypoint command failed with exit code (\d+)")
+EXIT_BAD_INPUT = 2  # rlhf_trainer.cli.EXIT_USER_ERROR (the operator image has no trainer)
 
 
 class Outcome(enum.Enum):
@@ -49,6 +58,7 @@ class Outcome(enum.Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     REJECTED = "Rejected"  # ValidationFailed: retrying the same RayJob cannot help
+    BAD_INPUT = "BadInput"  # the stage exited 2: its input is wrong, a retry reads it again
 
 
 def _conditions(status: Mapping[str, Any]) -> dict[str, str]:
@@ -206,6 +216,19 @@ def shorten(message: str, limit: int = MESSAGE_LIMIT, head: int = 120) -> str:
     return f"{message[:head]} … {message[-(limit - head - 3) :]}"
 
 
+def entrypoint_exit_code(message: str) -> int | None:
+    match = ENTRYPOINT_EXIT.search(message)
+    return int(match.group(1)) if match else None
+
+
+def last_error_line(message: str) -> str:
+    """The driver's `error: ...` line (the trainer's last stderr line names the field and the
+    fix, CONTRACTS §6), else the message's last non-empty line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or ": error:" in line]
+    return (errors or lines or [""])[-1]
+
+
 def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
     """The outcome of a RayJob and, for a failure, why (see the table in the module docstring)."""
     job, deployment = rayjob.job_status, rayjob.deployment_status
@@ -214,6 +237,11 @@ def rayjob_outcome(rayjob: RayJobObservation) -> tuple[Outcome, str]:
         return Outcome.REJECTED, shorten(f"KubeRay rejected RayJob {rayjob.name}: {detail}")
     if job == JOB_SUCCEEDED:
         return Outcome.SUCCEEDED, ""
+    if job == JOB_FAILED and entrypoint_exit_code(rayjob.message) == EXIT_BAD_INPUT:
+        return Outcome.BAD_INPUT, shorten(
+            f"RayJob {rayjob.name}: the stage refused its input (exit code {EXIT_BAD_INPUT}): "
+            f"{last_error_line(rayjob.message)}"
+        )
     if job in (JOB_FAILED, JOB_STOPPED) or deployment in (DEPLOYMENT_FAILED, DEPLOYMENT_COMPLETE):
         what = f"Ray job {job}" if job else f"deployment {deployment}"
         detail = ": ".join(part for part in (rayjob.reason, rayjob.message) if part)

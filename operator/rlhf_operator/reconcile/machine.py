@@ -386,6 +386,14 @@ def _run(d: Draft, _: str | None) -> None:
         _stage_succeeded(d, stage)
     elif outcome is kuberay.Outcome.FAILED:
         _stage_failed(d, stage, why)
+    elif outcome is kuberay.Outcome.BAD_INPUT:
+        _stage_failed(
+            d,
+            stage,
+            f"{why} (bad input: not retried, a new attempt would read the same input; fix what "
+            "the message names and re-create the RLHFJob)",
+            retry=False,
+        )
     elif outcome is kuberay.Outcome.REJECTED:
         _stage_failed(
             d,
