@@ -336,33 +336,36 @@ SUCCEED: Plan = [
     {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
     {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
 ]
-FAIL: Plan = [
-    {"jobDeploymentStatus": "Initializing"},
-    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-    {
-        "jobDeploymentStatus": "Failed",
-        "jobStatus": "FAILED",
-        "reason": "AppFailed",
-        "message": "Job entrypoint command failed with exit code 1, last available logs "
-        "(truncated to 20,000 chars):\ntorch.OutOfMemoryError: CUDA out of memory\n"
-        "error: sft failed: OutOfMemoryError: CUDA out of memory",
-    },
-]
-BAD_INPUT: Plan = [
-    {"jobDeploymentStatus": "Initializing"},
-    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-    # The trainer's exit 2 (CONTRACTS §6) as Ray's job supervisor reports it and KubeRay
-    # mirrors it: the log tail ends with the line naming the field.
-    {
-        "jobDeploymentStatus": "Failed",
-        "jobStatus": "FAILED",
-        "reason": "AppFailed",
-        "message": "Job entrypoint command failed with exit code 2, last available logs "
-        "(truncated to 20,000 chars):\nINFO loading s3://bucket/reviews.jsonl\n"
-        "error: spec.stages.sft.dataset.promptField: column 'prompt' is not in the dataset "
-        "(columns: text); set promptField to one of them.",
-    },
-]
+
+
+def app_failed(exit_code: int, log_tail: str) -> Plan:
+    """The Ray job's entrypoint exited `exit_code`: KubeRay mirrors the message Ray's job
+    supervisor writes, whose log tail ends with the driver's last stderr lines."""
+    return [
+        {"jobDeploymentStatus": "Initializing"},
+        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+        {
+            "jobDeploymentStatus": "Failed",
+            "jobStatus": "FAILED",
+            "reason": "AppFailed",
+            "message": f"Job entrypoint command failed with exit code {exit_code}, last "
+            f"available logs (truncated to 20,000 chars):\n{log_tail}",
+        },
+    ]
+
+
+FAIL = app_failed(
+    1,
+    "torch.OutOfMemoryError: CUDA out of memory\n"
+    "error: sft failed: OutOfMemoryError: CUDA out of memory",
+)
+# The trainer's exit 2 (bad input, CONTRACTS §6): its last line names the field.
+BAD_INPUT = app_failed(
+    2,
+    "INFO loading s3://bucket/reviews.jsonl\n"
+    "error: spec.stages.sft.dataset.promptField: column 'prompt' is not in the dataset "
+    "(columns: text); set promptField to one of them.",
+)
 HANG: Plan = [
     {"jobDeploymentStatus": "Initializing"},
     {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
