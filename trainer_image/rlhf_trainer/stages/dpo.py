@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rlhf_trainer.data import Split, load_split
-from rlhf_trainer.jobspec import UserError
+from rlhf_trainer.data import Split
 from rlhf_trainer.models import check_model_path, policy_source
+from rlhf_trainer.stages.supervised import preference_split, require_held_out
 
 if TYPE_CHECKING:
     from rlhf_operator.api import RLHFJob
@@ -31,25 +31,14 @@ KL_PROMPTS = 32
 
 
 def _dataset(job: RLHFJob) -> Split:
-    dataset = job.spec.stages.dpo.dataset
-    columns = {
-        "promptField": dataset.prompt_field,
-        "chosenField": dataset.chosen_field,
-        "rejectedField": dataset.rejected_field,
-    }
-    return load_split(dataset, DATASET_FIELD, columns, job.spec.seed)
+    return preference_split(job, job.spec.stages.dpo.dataset, DATASET_FIELD)
 
 
 def preflight(job: RLHFJob, check_upstream: bool = True) -> None:
     source, field = policy_source(job)
     if check_upstream or field == "spec.model.base":
         check_model_path(source, field)
-    split = _dataset(job)
-    if split.held_out is None:
-        raise UserError(
-            f"{DATASET_FIELD}: nothing is held out to measure eval_loss; set testSplit or an "
-            "evalFraction above 0."
-        )
+    require_held_out(_dataset(job), DATASET_FIELD, "eval_loss")
 
 
 def sequence_logprobs(engine, tensors, temperature: float, average: bool):
@@ -67,8 +56,7 @@ def sequence_logprobs(engine, tensors, temperature: float, average: bool):
 def train_loop(config: dict[str, Any]) -> None:
     import torch
 
-    from rlhf_trainer import engine as ds
-    from rlhf_trainer.batches import BatchPlan, prompt_ids, sft_batch
+    from rlhf_trainer.batches import prompt_ids, sft_batch
     from rlhf_trainer.generation import sample
     from rlhf_trainer.losses import dpo_loss, kl_penalty, masked_sum
     from rlhf_trainer.models import (
@@ -81,7 +69,8 @@ def train_loop(config: dict[str, Any]) -> None:
         tokenizer_source,
     )
     from rlhf_trainer.schedule import plan
-    from rlhf_trainer.worker import StageWorker, all_mean, all_sum
+    from rlhf_trainer.stages.supervised import held_out_share, stage_engine, train
+    from rlhf_trainer.worker import StageWorker, all_sum
 
     worker = StageWorker.start(config)
     spec = worker.job.spec
@@ -97,34 +86,14 @@ def train_loop(config: dict[str, Any]) -> None:
         tokenizer = load_tokenizer(*tokenizer_source(worker.job, source, field))
         size = hidden_size(source, field, revision)
 
-    def engine(learning_rate: float | None = None, **schedule_settings: int):
-        """Plan, load (in the spec's precision) and wrap one copy of the SFT policy; each
-        engine is made before the next copy is loaded. No learning rate: frozen."""
-        with worker.timed("model_load"):
-            engine_plan = ds.plan_engine(
-                spec.parallelism,
-                use_gpu=worker.use_gpu,
-                world_size=worker.world_size,
-                hidden_size=size,
-                learning_rate=learning_rate,
-                weight_decay=stage.weight_decay,
-                **schedule_settings,
-            )
-            model = engine_plan.build(
-                lambda: load_causal_lm(source, field, revision, engine_plan.dtype)
-            )
-            disable_dropout(model)  # the log-ratio at step 0 must be exactly 0
-        with worker.timed("deepspeed_init"):
-            return engine_plan.initialize(model)
+    def sft_copy(dtype):
+        model = load_causal_lm(source, field, revision, dtype)
+        disable_dropout(model)  # the log-ratio at step 0 must be exactly 0
+        return model
 
-    policy = engine(
-        stage.learning_rate,
-        micro_batch=schedule.micro_batch,
-        grad_accum=schedule.grad_accum,
-        total_steps=schedule.total_steps,
-        warmup_steps=schedule.warmup_steps,
-    )
-    reference = engine()
+    # Each engine is made before the next copy is loaded (one unwrapped copy at a time).
+    policy = stage_engine(worker, size, sft_copy, stage, schedule)
+    reference = stage_engine(worker, size, sft_copy)  # frozen
     device = policy.device
 
     def pairs(table, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -152,8 +121,7 @@ def train_loop(config: dict[str, Any]) -> None:
     @torch.no_grad()
     def held_out() -> dict[str, float]:
         policy.eval()
-        rows = list(range(len(split.held_out) - len(split.held_out) % worker.world_size))
-        mine = rows[worker.rank :: worker.world_size]  # equal shares: ZeRO-3 needs equal passes
+        mine = held_out_share(worker, len(split.held_out))
         total = correct = 0.0
         for start in range(0, len(mine), schedule.micro_batch):
             chunk = mine[start : start + schedule.micro_batch]
@@ -192,43 +160,22 @@ def train_loop(config: dict[str, Any]) -> None:
         total, rows = all_sum([kl.sum().item(), float(len(mine))])
         return {"kl": total / max(rows, 1.0)}
 
-    worker.restore({"model": policy})
-    start = worker.resumed_from_step or 0
-    worker.start_progress(schedule.total_steps)
-    if start == 0:
-        with worker.timed("eval"):
-            worker.log(0, held_out())
-    batches = BatchPlan(len(split.train), stage.batch_size, worker.world_size, spec.seed)
-    metrics: dict[str, float] = {}
-    with worker.timed("train"):
-        for step in range(start, schedule.total_steps):
-            rows = batches.rows(step, worker.rank)
-            losses, correct, margin = [], 0.0, 0.0
-            for i in range(schedule.grad_accum):
-                micro = rows[i * schedule.micro_batch : (i + 1) * schedule.micro_batch]
-                loss, chosen, rejected = loss_of(split.train, micro)
-                policy.backward(loss)
-                policy.step()
-                losses.append(loss.item())
-                correct += (chosen > rejected).float().sum().item()
-                margin += (chosen - rejected).sum().item()
-            loss_mean, accuracy, margin_mean = all_mean(
-                [sum(losses) / len(losses), correct / len(rows), margin / len(rows)]
-            )
-            metrics = {
-                "loss": loss_mean,
-                "reward_accuracy": accuracy,
-                "reward_margin": margin_mean,
-                "learning_rate": policy.get_lr()[0],
-            }
-            done = step + 1
-            if done < schedule.total_steps:  # the last step is logged with the eval figures
-                worker.log(done, metrics)
-                if done % stage.checkpoint_every_steps == 0:
-                    worker.save_checkpoint(done, {"model": policy}, metrics)
-    with worker.timed("eval"):
-        metrics.update(held_out())
-        metrics.update(sampled_kl())
-    worker.log(schedule.total_steps, metrics)
+    def micro(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, chosen, rejected = loss_of(split.train, rows)
+        return loss, {
+            "reward_accuracy": (chosen > rejected).float().sum().item(),
+            "reward_margin": (chosen - rejected).sum().item(),
+        }
+
+    metrics, steps_run = train(
+        worker,
+        policy,
+        stage,
+        schedule,
+        len(split.train),
+        micro,
+        held_out,
+        final_evaluate=lambda: {**held_out(), **sampled_kl()},
+    )
     worker.save_model(policy, tokenizer)
-    worker.finish(metrics, steps_run=schedule.total_steps - start, total_steps=schedule.total_steps)
+    worker.finish(metrics, steps_run=steps_run, total_steps=schedule.total_steps)
