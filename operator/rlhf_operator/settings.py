@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import kopf
 
@@ -31,7 +32,30 @@ WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
 
 
-WAKE_HANDLERS = ("job_changed", "raycluster_changed", "rayjob_changed")
+WAKE_HANDLERS = ("job_changed", "raycluster_changed", "rayjob_changed", "progress_changed")
+
+
+class NoChangeDetection(kopf.DiffBaseStorage):
+    """kopf's diff-base ("last handled configuration") without the cost: an essence that never
+    changes, stored nowhere.
+
+    kopf keeps the diff-base for on.create / on.update / on.resume handlers, and the operator
+    has none (tests/operator/test_events.py checks it): the daemon reconciles the whole job
+    whatever changed, and on.delete is told by `deletionTimestamp`, not by a diff. kopf's
+    annotation storage would still deep-copy every RLHFJob on every watch event to build one,
+    and write it once per new job: a patch, its watch event coming back, and a conflict (409)
+    with the job's first reconcile writing at the same moment. With a constant essence every
+    event that is not a deletion is a no-op change for kopf.
+    """
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> Any:
+        return {}
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        pass
 
 
 class _QuietWakeups(logging.Filter):
@@ -53,14 +77,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     quiet = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietWakeups) for f in quiet.filters):
         quiet.addFilter(_QuietWakeups())
-    # kopf's own progress and diff-base live in annotations: our status schema is strict, and
-    # the API server would prune a `status.kopf` it does not know.
+    # kopf's own progress lives in annotations: our status schema is strict, and the API server
+    # would prune a `status.kopf` it does not know.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=names.ANNOTATION_PREFIX
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=names.ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoChangeDetection()
     settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.INFO  # Normal events (StageStarted...) are posted too
     settings.execution.max_workers = WORKERS
