@@ -18,13 +18,14 @@ from rlhf_operator import events, metrics, names, pool_sweeper, wake, warmpool
 from rlhf_operator import settings as operator_settings
 from rlhf_operator.api import GROUP, PLURAL, VERSION
 from rlhf_operator.api.progress import PROGRESS_PLURAL
-from rlhf_operator.reconcile import driver, kuberay, progress
+from rlhf_operator.reconcile import driver, kuberay, progress, unseen
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings.configure(settings)
     memo.wakeups = wake.Wakeups()  # shared: every job's memo is a shallow copy of this one
+    memo.unseen = unseen.Unseen()  # children created, not yet shown by the watch
     memo.executor = settings.execution.executor  # kopf's pool for sync handlers (WORKERS)
 
 
@@ -83,7 +84,13 @@ async def reconcile(
         job = driver.snapshot(body)
         metrics.METRICS.observe_reconcile((job.get("status") or {}).get("phase") or "Pending")
         driver.reconcile_job(
-            job, rayclusters, rayjobs, events.post, pool=warm_pool, reports=progress_reports
+            job,
+            rayclusters,
+            rayjobs,
+            events.post,
+            pool=warm_pool,
+            reports=progress_reports,
+            unseen=memo.unseen,
         )
 
     await wake.reconcile_loop(
@@ -105,13 +112,20 @@ async def job_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
     memo.wakeups.wake(uid)
 
 
+# kopf updates its indexes before it calls these: the index now shows the child.
 @kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
-async def raycluster_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def raycluster_changed(
+    namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.unseen.seen(names.RAYCLUSTERS, namespace, name)
     memo.wakeups.wake_for_child(body)
 
 
 @kopf.on.event(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
-async def rayjob_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def rayjob_changed(
+    namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.unseen.seen(names.RAYJOBS, namespace, name)
     memo.wakeups.wake_for_child(body)
 
 

@@ -53,6 +53,7 @@ from rlhf_operator.reconcile.model import (
     RayJobObservation,
     ReleaseCluster,
 )
+from rlhf_operator.reconcile.unseen import Unseen
 from rlhf_operator.validation import validate
 
 logger = logging.getLogger(__name__)
@@ -219,20 +220,26 @@ def reconcile_job(
     now: datetime | None = None,
     pool: Index | None = None,
     reports: Index | None = None,
+    unseen: Unseen | None = None,
 ) -> Decision | None:
     """One reconcile of one RLHFJob (its kopf daemon calls this when woken): the decision
     carried out, or None when none was (the job is gone, or kept changing under it: the next
     tick decides).
 
     `body` is the watch's copy; when a write finds the job changed since (409), the decision is
-    dropped and made again on the job as stored.
+    dropped and made again on the job as stored. `unseen`: the children this operator created
+    that the indexes do not show yet (reconcile/unseen.py); they count as observed, and the
+    ones this reconcile creates are added.
     """
     now = now or datetime.now(UTC)
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace"), meta.get("name")
     for _ in range(1 + CONFLICT_RETRIES):
+        if unseen is not None:
+            clusters = unseen.overlay(names.RAYCLUSTERS, clusters)
+            rayjobs = unseen.overlay(names.RAYJOBS, rayjobs)
         try:
-            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports)
+            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports, unseen)
         except StaleJob:
             logger.info("RLHFJob %s/%s changed since read; reading it again", namespace, name)
             fresh = kube.get_job(namespace, name)
@@ -251,6 +258,7 @@ def _reconcile_once(
     now: datetime,
     pool: Index | None,
     reports: Index | None = None,
+    unseen: Unseen | None = None,
 ) -> Decision:
     """Decide and carry out, once (`StaleJob` when `body` is older than the stored job).
 
@@ -259,12 +267,12 @@ def _reconcile_once(
     """
     clusters = explain_waiting(body, clusters, now)
     status, decision = decide(body, clusters, rayjobs, now, pool, reports)
-    body, claimed = apply(body, status, decision, post, now)
+    body, claimed = apply(body, status, decision, post, now, unseen)
     if claimed is None:
         return decision
     clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
     status, decision = decide(body, clusters, rayjobs, now, pool, reports)
-    apply(body, status, decision, post, now)
+    apply(body, status, decision, post, now, unseen)
     return decision
 
 
@@ -333,12 +341,14 @@ def apply(
     decision: Decision,
     post: PostEvent,
     now: datetime,
+    unseen: Unseen | None = None,
 ) -> tuple[Mapping[str, Any], ClusterObservation | None]:
     """Carry out a decision: pin, write status, act, announce — in that order.
 
     Returns the job as the API now holds it (the answer to the last write of it, else `body`)
     and the warm cluster this decision claimed, as the API answered (None: no claim).
     Raises `StaleJob`, having done nothing, when `body` is older than the stored job.
+    The RayClusters and RayJobs it creates are recorded in `unseen`, when given.
     """
     meta = body["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
@@ -350,7 +360,7 @@ def apply(
     claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
-            result = _act(namespace, name, action)
+            result = _act(namespace, name, action, unseen)
             if isinstance(action, ClaimCluster) and result is not None:
                 claimed = kuberay.observe_cluster(result)
         except ApiException as exc:
@@ -409,10 +419,16 @@ def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
         raise
 
 
-def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None:
+def _act(
+    namespace: str | None, name: str, action: Any, unseen: Unseen | None = None
+) -> dict[str, Any] | None:
     match action:
         case CreateCluster(manifest=manifest):
-            kube.create_raycluster(manifest)
+            created, new = kube.create_raycluster(manifest)
+            if new and created and unseen is not None:
+                unseen.created(
+                    names.RAYCLUSTERS, namespace, action.name, kuberay.observe_cluster(created)
+                )
         case ClaimCluster(name=cluster, patch=patch):
             return _claim(namespace, cluster, patch)
         case ReleaseCluster(name=cluster, patch=patch):
@@ -426,7 +442,11 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
         case CreateProgress(manifest=manifest):
             kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
-            kube.create_rayjob(manifest)
+            created, new = kube.create_rayjob(manifest)
+            if new and created and unseen is not None:
+                unseen.created(
+                    names.RAYJOBS, namespace, action.name, kuberay.observe_rayjob(created)
+                )
         case DeleteCluster(name=cluster):
             kube.delete_raycluster(namespace, cluster)
         case DeleteRayJob(name=rayjob):

@@ -1,0 +1,51 @@
+"""Children the operator created stand in for their watched objects until the watch shows them
+(reconcile/unseen.py), and only until then."""
+
+from __future__ import annotations
+
+import time
+
+from rlhf_operator.api import RLHFJobStatus
+from rlhf_operator.reconcile.driver import observe
+from rlhf_operator.reconcile.kuberay import observe_cluster
+from rlhf_operator.reconcile.model import ClusterObservation
+from rlhf_operator.reconcile.unseen import Unseen
+
+KIND = "rayclusters"
+
+
+def created(name: str, uid: str) -> ClusterObservation:
+    return observe_cluster({"metadata": {"name": name, "namespace": "ns", "uid": uid}})
+
+
+def test_a_created_cluster_is_observed_before_the_watch_shows_it() -> None:
+    unseen = Unseen()
+    unseen.created(KIND, "ns", "a-ray", created("a-ray", "u1"))
+    clusters = unseen.overlay(KIND, {})
+    status = RLHFJobStatus.model_validate({"cluster": {"name": "a-ray"}})
+    seen = observe("ns", status, clusters, {}, "a")
+    assert seen.cluster is not None and seen.cluster.uid == "u1"
+    assert list(clusters) == [("ns", "a-ray")]
+    assert unseen.overlay("rayjobs", {}) == {}  # another kind is not affected
+
+
+def test_the_watched_object_wins_and_ends_the_stand_in() -> None:
+    unseen = Unseen()
+    unseen.created(KIND, "ns", "a-ray", created("a-ray", "u1"))
+    watched = observe_cluster(
+        {"metadata": {"name": "a-ray", "uid": "u1"}, "status": {"state": "ready"}}
+    )
+    index = {("ns", "a-ray"): (watched,)}
+    assert unseen.overlay(KIND, index)[("ns", "a-ray")] == (watched,)  # fresher than ours
+    unseen.seen(KIND, "ns", "a-ray")
+    assert len(unseen) == 0
+    assert unseen.overlay(KIND, {}) == {}  # e.g. deleted since: the index says so, not we
+
+
+def test_a_creation_the_watch_never_shows_stands_in_for_a_while_only() -> None:
+    unseen = Unseen(ttl=0.05)
+    unseen.created(KIND, "ns", "a-ray", created("a-ray", "u1"))
+    assert ("ns", "a-ray") in unseen.overlay(KIND, {})
+    time.sleep(0.1)
+    assert unseen.overlay(KIND, {}) == {}
+    assert len(unseen) == 0
