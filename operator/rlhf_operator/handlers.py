@@ -81,7 +81,7 @@ async def reconcile(
 ) -> None:
     @metrics.count_reconcile_errors
     def once() -> None:
-        job = driver.snapshot(body)
+        job = driver.snapshot(memo.unseen.latest(body))
         metrics.METRICS.observe_reconcile((job.get("status") or {}).get("phase") or "Pending")
         driver.reconcile_job(
             job,
@@ -93,23 +93,28 @@ async def reconcile(
             unseen=memo.unseen,
         )
 
-    await wake.reconcile_loop(
-        uid,
-        body,
-        memo.wakeups,
-        once,
-        stopped,
-        resync=operator_settings.RESYNC_INTERVAL,
-        error_backoff=operator_settings.ERROR_BACKOFF,
-        executor=memo.executor,
-        first_after=lambda: wake.guarded(body),
-        first_wait=operator_settings.FINALIZER_WAIT,
-    )
+    try:
+        await wake.reconcile_loop(
+            uid,
+            body,
+            memo.wakeups,
+            once,
+            stopped,
+            resync=operator_settings.RESYNC_INTERVAL,
+            error_backoff=operator_settings.ERROR_BACKOFF,
+            executor=memo.executor,
+            first_after=lambda: wake.guarded(body),
+            first_wait=operator_settings.FINALIZER_WAIT,
+            latest=lambda: memo.unseen.latest(body),
+        )
+    finally:
+        memo.unseen.forget_job(uid)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def job_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.wakeups.wake(uid)
+async def job_changed(uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if not memo.unseen.echo(body):  # the job's own reconcile wrote this: nothing new to decide
+        memo.wakeups.wake(uid)
 
 
 # kopf updates its indexes before it calls these: the index now shows the child.

@@ -161,6 +161,7 @@ async def reconcile_loop(
     executor: Executor | None = None,
     first_after: Callable[[], bool] | None = None,
     first_wait: float = 0.0,
+    latest: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """Run `reconcile` (blocking: in `executor`) now and whenever the job is woken or due.
 
@@ -174,6 +175,10 @@ async def reconcile_loop(
     `first_wait` seconds) until it holds — kopf adds its finalizer to a new job just as it
     starts this loop, and a decision made on the job read before that write would be refused
     (409) and made again on a fresh read: two API calls per new job, for nothing.
+
+    `latest`: the job as last known, when kopf's view may not show the reconcile's own write
+    yet (its watch event does not wake the loop: handlers.job_changed); the next due instant
+    is read from it.
     """
     meta = body.get("metadata") or {}
     event = wakeups.register(uid, (meta.get("namespace") or "", meta.get("name") or ""))
@@ -198,7 +203,7 @@ async def reconcile_loop(
                 logger.exception("reconcile of RLHFJob uid %s failed; retrying in %.1fs", uid, wait)
             else:
                 failures = 0
-                wait = sleep_for(body, datetime.now(UTC), resync)
+                wait = sleep_for(latest() if latest else body, datetime.now(UTC), resync)
             await _sleep(event, stopped, wait)
     finally:
         wakeups.forget(uid, event)

@@ -49,3 +49,28 @@ def test_a_creation_the_watch_never_shows_stands_in_for_a_while_only() -> None:
     time.sleep(0.1)
     assert unseen.overlay(KIND, {}) == {}
     assert len(unseen) == 0
+
+
+def job(version: str, phase: str | None = None) -> dict:
+    return {"metadata": {"uid": "j1", "resourceVersion": version}, "status": {"phase": phase}}
+
+
+def test_the_jobs_own_write_does_not_wake_it_once_its_decision_is_carried_out() -> None:
+    unseen = Unseen()
+    read, stored = job("5"), job("6", "Provisioning")
+    unseen.job_written(read, stored)
+    assert not unseen.echo(stored)  # its actions are still running: it may need another look
+    unseen.settled([stored])
+    assert unseen.echo(stored)
+    assert not unseen.echo(job("7", "Provisioning"))  # someone else's write: it wakes the job
+    assert len(unseen) == 0
+
+
+def test_a_reconcile_before_the_watch_shows_the_write_decides_on_the_job_as_written() -> None:
+    unseen = Unseen()
+    read, stored = job("5"), job("6", "Provisioning")
+    unseen.job_written(read, stored)
+    assert unseen.latest(read) is stored  # kopf's copy is the version the write replaced
+    assert unseen.latest(job("8", "Running")) == job("8", "Running")  # newer than ours: kopf's
+    unseen.forget_job("j1")
+    assert unseen.latest(read) is read

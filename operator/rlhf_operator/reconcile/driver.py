@@ -348,19 +348,35 @@ def apply(
     Returns the job as the API now holds it (the answer to the last write of it, else `body`)
     and the warm cluster this decision claimed, as the API answered (None: no claim).
     Raises `StaleJob`, having done nothing, when `body` is older than the stored job.
-    The RayClusters and RayJobs it creates are recorded in `unseen`, when given.
+    Its writes of the job and the RayClusters and RayJobs it creates are recorded in `unseen`,
+    when given.
     """
     meta = body["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
+
+    def written(stored: Mapping[str, Any] | None, read: Mapping[str, Any]) -> Mapping[str, Any]:
+        if stored is None:
+            return read
+        if unseen is not None:
+            unseen.job_written(read, stored)
+            writes.append(stored)
+        return stored
+
+    writes: list[Mapping[str, Any]] = []
+    as_decided = True  # every action did what the decision expected (no 409, no lost claim)
+
     for action in decision.actions:
         if isinstance(action, PinSpec):
             pin = {names.ANNOTATION_PINNED_SPEC: action.pinned}
-            body = _unless_stale(kube.annotate_job, namespace, name, pin, _version(body))
-    body = write_status(namespace, name, status, decision.status, body) or body
+            body = written(
+                _unless_stale(kube.annotate_job, namespace, name, pin, _version(body)), body
+            )
+    body = written(write_status(namespace, name, status, decision.status, body), body)
     claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
-            result = _act(namespace, name, action, unseen)
+            done, result = _act(namespace, name, action, unseen)
+            as_decided &= done
             if isinstance(action, ClaimCluster) and result is not None:
                 claimed = kuberay.observe_cluster(result)
         except ApiException as exc:
@@ -375,9 +391,17 @@ def apply(
                 now,
                 meta.get("generation"),
             )
-            body = write_status(namespace, name, decision.status, refused.status, body) or body
+            body = written(
+                write_status(namespace, name, decision.status, refused.status, body), body
+            )
             decision.events.extend(refused.events)
+            as_decided = False
             break
+    if as_decided and unseen is not None:
+        # The job as written is what a reconcile of it would decide again: when those writes
+        # come back from the watch, they need not wake it. Otherwise (a child at our name that
+        # is not the one we made, a lost claim) they do, and the next decision sees the world.
+        unseen.settled(writes)
     for event in decision.events:
         post(body, event)
     return body, claimed
@@ -421,7 +445,9 @@ def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
 
 def _act(
     namespace: str | None, name: str, action: Any, unseen: Unseen | None = None
-) -> dict[str, Any] | None:
+) -> tuple[bool, dict[str, Any] | None]:
+    """Carry out one action: (whether it did what was decided, the claimed cluster if any).
+    A create that finds its child there already (409) or a lost claim did not."""
     match action:
         case CreateCluster(manifest=manifest):
             created, new = kube.create_raycluster(manifest)
@@ -429,8 +455,10 @@ def _act(
                 unseen.created(
                     names.RAYCLUSTERS, namespace, action.name, kuberay.observe_cluster(created)
                 )
+            return new, None
         case ClaimCluster(name=cluster, patch=patch):
-            return _claim(namespace, cluster, patch)
+            claimed = _claim(namespace, cluster, patch)
+            return claimed is not None, claimed
         case ReleaseCluster(name=cluster, patch=patch):
             try:
                 kube.patch_raycluster(namespace, cluster, patch)
@@ -447,6 +475,7 @@ def _act(
                 unseen.created(
                     names.RAYJOBS, namespace, action.name, kuberay.observe_rayjob(created)
                 )
+            return new, None
         case DeleteCluster(name=cluster):
             kube.delete_raycluster(namespace, cluster)
         case DeleteRayJob(name=rayjob):
@@ -457,7 +486,7 @@ def _act(
             pass  # done before the status write
         case _:
             raise TypeError(f"unknown action {action!r}")
-    return None
+    return True, None
 
 
 def _claim(namespace: str | None, cluster: str, patch: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,13 +1,19 @@
-"""Children the operator created that its watch has not shown yet.
+"""What this operator wrote that its watches have not shown yet.
 
-kopf's indexes are fed by watches: a RayCluster or RayJob the operator just created reaches
-them a moment later (milliseconds on an idle API server, seconds behind a burst of a thousand
-jobs). A reconcile in that gap (woken by the job's own status write coming back, say) would
-not see the child it just made: it would create it again (409), and say "Creating ..." once
-more in status. Kubernetes controllers hold the same "expectations" (the ReplicaSet
-controller's `ControllerExpectations`); here, the answer of the create stands in for the
-watched object until the watch shows that object, or for `TTL` seconds at most (a watch event
-lost: the index is then trusted again, as before).
+kopf's indexes and its copy of each job are fed by watches, a moment behind the API server
+(milliseconds on an idle one, seconds behind a burst of a thousand jobs). Kubernetes
+controllers keep the same two memories (client-go's "expectations" and its mutation cache):
+
+- Children: a RayCluster or RayJob the operator just created reaches the indexes later. A
+  reconcile in that gap would not see it: it would create it again (409) and write "Creating
+  ..." into status once more. The answer of the create stands in for the watched object until
+  the watch shows an object of that name, or for `TTL` seconds at most (a lost watch event:
+  the index is then trusted again, as before).
+- Jobs: the operator's own write of a job (its pinned spec, its status) comes back as a watch
+  event. Reconciling on it decides nothing new (the reconcile that wrote it decided on the same
+  children), so it does not wake the job (`echo`); and a reconcile that starts before kopf's
+  copy shows the write decides on the job as written (`latest`), not on the copy that write
+  replaced, whose own writes would be refused (409) and cost a read.
 
 Process-local and per operator run (kopf's memo): a new leader starts with none.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 TTL = 60.0
@@ -25,14 +32,74 @@ TTL = 60.0
 Key = tuple[str | None, str | None]
 
 
+@dataclass
+class _Written:
+    """A job as this operator last wrote it, and the versions that write superseded."""
+
+    stored: Mapping[str, Any]
+    replaced: set[str] = field(default_factory=set)  # versions decided on, then written over
+    echoes: set[str] = field(default_factory=set)  # versions that are this operator's writes
+
+
 class Unseen:
-    """(namespace, name) -> the observation of a child created by this process, per kind
-    (e.g. "rayclusters"), until the kind's watch shows an object of that name."""
+    """Children created and jobs written by this process that the watches have not shown yet:
+    per kind (e.g. "rayclusters"), (namespace, name) -> the created child's observation; per
+    job uid, its last write."""
 
     def __init__(self, ttl: float = TTL) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()  # written by reconcile threads, read by the event loop
         self._created: dict[str, dict[Key, tuple[float, Any]]] = {}
+        self._jobs: dict[str, _Written] = {}
+
+    # ------------------------------------------------------------------ jobs
+
+    def job_written(self, read: Mapping[str, Any], stored: Mapping[str, Any]) -> None:
+        """A write of job `read` (the copy a decision was made on) answered with `stored`."""
+        uid, before, after = _uid(stored), _version(read), _version(stored)
+        if not uid or not after:
+            return
+        with self._lock:
+            written = self._jobs.setdefault(uid, _Written(stored))
+            written.stored = stored
+            if before:
+                written.replaced.add(before)
+
+    def settled(self, writes: list[Mapping[str, Any]]) -> None:
+        """These writes of a job are all its decision needed (every action after them did
+        what was decided): their watch events are echoes. Until then, they wake the job."""
+        with self._lock:
+            for stored in writes:
+                written = self._jobs.get(_uid(stored))
+                if written is not None:
+                    written.echoes.add(_version(stored))
+
+    def latest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The job as last known: this operator's own write of it when `body` (kopf's copy)
+        is a version that write replaced, else `body`."""
+        with self._lock:
+            written = self._jobs.get(_uid(body))
+            if written is not None and _version(body) in written.replaced:
+                return written.stored
+        return body
+
+    def echo(self, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event of a job only shows a write of this operator's (its last
+        write coming back also ends `latest`'s stand-in: kopf's copy is current again)."""
+        uid, version = _uid(body), _version(body)
+        with self._lock:
+            written = self._jobs.get(uid)
+            if written is None or version not in written.echoes:
+                return False
+            if version == _version(written.stored):
+                del self._jobs[uid]
+            return True
+
+    def forget_job(self, uid: str) -> None:
+        with self._lock:
+            self._jobs.pop(uid, None)
+
+    # ------------------------------------------------------------------ children
 
     def created(self, kind: str, namespace: str | None, name: str, observation: Any) -> None:
         with self._lock:
@@ -57,7 +124,15 @@ class Unseen:
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(len(c) for c in self._created.values())
+            return sum(len(c) for c in self._created.values()) + len(self._jobs)
+
+
+def _uid(body: Mapping[str, Any]) -> str:
+    return (body.get("metadata") or {}).get("uid") or ""
+
+
+def _version(body: Mapping[str, Any]) -> str:
+    return (body.get("metadata") or {}).get("resourceVersion") or ""
 
 
 class _Overlay(Mapping[Key, Any]):
