@@ -10,6 +10,7 @@ by watches of RayClusters and RayJobs — so waking costs no API read.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -27,10 +28,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.wakeups = wake.Wakeups()  # shared: every job's memo is a shallow copy of this one
     memo.unseen = unseen.Unseen()  # children created, not yet shown by the watch
     memo.executor = settings.execution.executor  # kopf's pool for sync handlers (WORKERS)
+    # Each job's first reconcile (a new job's cluster creation, a new leader's resume) runs in
+    # a pool of its own: a burst of them never queues ahead of the reactions to children.
+    memo.first_executor = ThreadPoolExecutor(
+        max_workers=operator_settings.WORKERS, thread_name_prefix="rlhf-first-reconcile"
+    )
 
 
+# Indexes are async (pure and quick): kopf would run a sync one in its thread pool, behind
+# every queued reconcile, and a child's change would reach the index that late.
 @kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYCLUSTERS)
-def rayclusters(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+async def rayclusters(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): kuberay.observe_cluster(body)}
 
 
@@ -40,7 +48,7 @@ def rayclusters(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     names.RAYCLUSTERS,
     labels={warmpool.LABEL_STATE: warmpool.STATE_AVAILABLE},
 )
-def warm_pool(body: kopf.Body, **_: Any) -> dict:
+async def warm_pool(body: kopf.Body, **_: Any) -> dict:
     cluster = warmpool.observe(body)
     return {(cluster.namespace, cluster.signature): cluster}
 
@@ -53,15 +61,17 @@ async def start_pool_sweeper(memo: kopf.Memo, warm_pool: kopf.Index, **_: Any) -
 @kopf.on.cleanup()
 async def stop_pool_sweeper(memo: kopf.Memo, **_: Any) -> None:
     await pool_sweeper.stop(memo.get("pool_sweeper"))
+    if memo.get("first_executor") is not None:  # idle: the reconcile loops have ended
+        memo.first_executor.shutdown(wait=True, cancel_futures=True)
 
 
 @kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
-def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+async def rayjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): kuberay.observe_rayjob(body)}
 
 
 @kopf.index(GROUP, VERSION, PROGRESS_PLURAL)
-def progress_reports(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+async def progress_reports(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, name): progress.observe_progress(body)}
 
 
@@ -80,7 +90,7 @@ async def reconcile(
     **_: Any,
 ) -> None:
     @metrics.count_reconcile_errors
-    def once() -> None:
+    def once() -> bool:
         job = driver.snapshot(memo.unseen.latest(body))
         metrics.METRICS.observe_reconcile((job.get("status") or {}).get("phase") or "Pending")
         driver.reconcile_job(
@@ -92,6 +102,7 @@ async def reconcile(
             reports=progress_reports,
             unseen=memo.unseen,
         )
+        return memo.unseen.again(uid)
 
     try:
         await wake.reconcile_loop(
@@ -103,6 +114,7 @@ async def reconcile(
             resync=operator_settings.RESYNC_INTERVAL,
             error_backoff=operator_settings.ERROR_BACKOFF,
             executor=memo.executor,
+            first_executor=memo.first_executor,
             first_after=lambda: wake.guarded(body),
             first_wait=operator_settings.FINALIZER_WAIT,
             latest=lambda: memo.unseen.latest(body),
@@ -122,7 +134,8 @@ async def job_changed(uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
 async def raycluster_changed(
     namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo.unseen.seen(names.RAYCLUSTERS, namespace, name)
+    for job in memo.unseen.seen(names.RAYCLUSTERS, namespace, name):
+        memo.wakeups.wake_named(namespace, job)
     memo.wakeups.wake_for_child(body)
 
 
@@ -130,7 +143,8 @@ async def raycluster_changed(
 async def rayjob_changed(
     namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo.unseen.seen(names.RAYJOBS, namespace, name)
+    for job in memo.unseen.seen(names.RAYJOBS, namespace, name):
+        memo.wakeups.wake_named(namespace, job)
     memo.wakeups.wake_for_child(body)
 
 

@@ -55,15 +55,17 @@ def job(version: str, phase: str | None = None) -> dict:
     return {"metadata": {"uid": "j1", "resourceVersion": version}, "status": {"phase": phase}}
 
 
-def test_the_jobs_own_write_does_not_wake_it_once_its_decision_is_carried_out() -> None:
+def test_the_jobs_own_write_does_not_wake_it_but_a_decision_not_carried_out_decides_again() -> None:
     unseen = Unseen()
     read, stored = job("5"), job("6", "Provisioning")
     unseen.job_written(read, stored)
-    assert not unseen.echo(stored)  # its actions are still running: it may need another look
-    unseen.settled([stored])
-    assert unseen.echo(stored)
+    assert not unseen.again("j1")
+    assert unseen.echo(stored)  # the write coming back: nothing new to decide
     assert not unseen.echo(job("7", "Provisioning"))  # someone else's write: it wakes the job
     assert len(unseen) == 0
+    unseen.job_written(job("7"), job("8", "Provisioning"))
+    unseen.unsettled(job("8", "Provisioning"))  # e.g. the claim of a warm cluster was lost
+    assert unseen.again("j1") and not unseen.again("j1")  # one more look, at once
 
 
 def test_a_reconcile_before_the_watch_shows_the_write_decides_on_the_job_as_written() -> None:
@@ -74,3 +76,13 @@ def test_a_reconcile_before_the_watch_shows_the_write_decides_on_the_job_as_writ
     assert unseen.latest(job("8", "Running")) == job("8", "Running")  # newer than ours: kopf's
     unseen.forget_job("j1")
     assert unseen.latest(read) is read
+
+
+def test_a_job_that_found_a_child_other_than_its_index_said_waits_for_its_next_change() -> None:
+    """A lost claim of a warm cluster: the cluster's owner and label become the winner's, so
+    only this interest wakes the loser when its index shows who got it."""
+    unseen = Unseen()
+    unseen.await_change(KIND, "ns", "warm-ray", "loser")
+    assert unseen.seen(KIND, "ns", "other-ray") == set()
+    assert unseen.seen(KIND, "ns", "warm-ray") == {"loser"}
+    assert unseen.seen(KIND, "ns", "warm-ray") == set()  # once

@@ -397,11 +397,11 @@ def apply(
             decision.events.extend(refused.events)
             as_decided = False
             break
-    if as_decided and unseen is not None:
-        # The job as written is what a reconcile of it would decide again: when those writes
-        # come back from the watch, they need not wake it. Otherwise (a child at our name that
-        # is not the one we made, a lost claim) they do, and the next decision sees the world.
-        unseen.settled(writes)
+    if writes and not as_decided and unseen is not None:
+        # The job as written is not what a reconcile of it would decide again (a child at our
+        # name that is not the one we made, a lost claim): decide again, as the write's watch
+        # event would have made it (it does not wake the job: handlers.job_changed).
+        unseen.unsettled(writes[-1])
     for event in decision.events:
         post(body, event)
     return body, claimed
@@ -451,13 +451,17 @@ def _act(
     match action:
         case CreateCluster(manifest=manifest):
             created, new = kube.create_raycluster(manifest)
-            if new and created and unseen is not None:
+            if unseen is not None and new and created:
                 unseen.created(
                     names.RAYCLUSTERS, namespace, action.name, kuberay.observe_cluster(created)
                 )
+            elif unseen is not None and not new:
+                unseen.await_change(names.RAYCLUSTERS, namespace, action.name, name)
             return new, None
         case ClaimCluster(name=cluster, patch=patch):
             claimed = _claim(namespace, cluster, patch)
+            if claimed is None and unseen is not None:
+                unseen.await_change(names.RAYCLUSTERS, namespace, cluster, name)
             return claimed is not None, claimed
         case ReleaseCluster(name=cluster, patch=patch):
             try:
@@ -471,10 +475,12 @@ def _act(
             kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
             created, new = kube.create_rayjob(manifest)
-            if new and created and unseen is not None:
+            if unseen is not None and new and created:
                 unseen.created(
                     names.RAYJOBS, namespace, action.name, kuberay.observe_rayjob(created)
                 )
+            elif unseen is not None and not new:
+                unseen.await_change(names.RAYJOBS, namespace, action.name, name)
             return new, None
         case DeleteCluster(name=cluster):
             kube.delete_raycluster(namespace, cluster)

@@ -51,6 +51,8 @@ class Unseen:
         self._lock = threading.Lock()  # written by reconcile threads, read by the event loop
         self._created: dict[str, dict[Key, tuple[float, Any]]] = {}
         self._jobs: dict[str, _Written] = {}
+        self._awaited: dict[tuple[str, str | None, str], tuple[float, set[str]]] = {}
+        self._again: set[str] = set()  # job uids whose reconcile asked for another
 
     # ------------------------------------------------------------------ jobs
 
@@ -62,17 +64,24 @@ class Unseen:
         with self._lock:
             written = self._jobs.setdefault(uid, _Written(stored))
             written.stored = stored
+            written.echoes.add(after)
             if before:
                 written.replaced.add(before)
 
-    def settled(self, writes: list[Mapping[str, Any]]) -> None:
-        """These writes of a job are all its decision needed (every action after them did
-        what was decided): their watch events are echoes. Until then, they wake the job."""
+    def unsettled(self, stored: Mapping[str, Any]) -> None:
+        """The decision behind this write was not carried out as made (a child at our name
+        that is not the one we made, a lost claim): its echo would have woken the job, so the
+        job decides again at once (`again`)."""
         with self._lock:
-            for stored in writes:
-                written = self._jobs.get(_uid(stored))
-                if written is not None:
-                    written.echoes.add(_version(stored))
+            self._again.add(_uid(stored))
+
+    def again(self, uid: str) -> bool:
+        """Whether the job's last reconcile asked for another (see `unsettled`); asks once."""
+        with self._lock:
+            if uid not in self._again:
+                return False
+            self._again.discard(uid)
+            return True
 
     def latest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """The job as last known: this operator's own write of it when `body` (kopf's copy)
@@ -98,6 +107,7 @@ class Unseen:
     def forget_job(self, uid: str) -> None:
         with self._lock:
             self._jobs.pop(uid, None)
+            self._again.discard(uid)
 
     # ------------------------------------------------------------------ children
 
@@ -105,10 +115,25 @@ class Unseen:
         with self._lock:
             self._created.setdefault(kind, {})[(namespace, name)] = (time.monotonic(), observation)
 
-    def seen(self, kind: str, namespace: str | None, name: str | None) -> None:
-        """The watch showed an object of that name (any event): the index knows it now."""
+    def seen(self, kind: str, namespace: str | None, name: str | None) -> set[str]:
+        """The watch showed an object of that name (any event): the index knows it now.
+        Returns the jobs (names) that await that child's next change (`await_change`)."""
         with self._lock:
             self._created.get(kind, {}).pop((namespace, name), None)
+            _, jobs = self._awaited.pop((kind, namespace, name or ""), (0.0, set()))
+            return jobs
+
+    def await_change(self, kind: str, namespace: str | None, name: str, job: str) -> None:
+        """Job `job` found the child at `name` other than its index said (a create refused
+        with 409, a claim lost): its next decision needs that child's next change. The
+        child's owner and its `rlhf.dev/job` label may be another job's, so nothing else
+        would wake this one."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (at, _) in self._awaited.items() if now - at > self.ttl]:
+                del self._awaited[key]
+            _, jobs = self._awaited.get((kind, namespace, name), (now, set()))
+            self._awaited[(kind, namespace, name)] = (now, jobs | {job})
 
     def overlay(self, kind: str, index: Mapping[Key, Any]) -> Mapping[Key, Any]:
         """`index`, with the unseen creations of `kind` where it has no object of their name."""
@@ -124,7 +149,8 @@ class Unseen:
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(len(c) for c in self._created.values()) + len(self._jobs)
+            created = sum(len(c) for c in self._created.values())
+            return created + len(self._jobs) + len(self._awaited)
 
 
 def _uid(body: Mapping[str, Any]) -> str:
