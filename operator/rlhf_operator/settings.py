@@ -24,9 +24,11 @@ and Events do not wake a job (wake.py watches only the job and its Ray children)
 waiting for its cluster also wakes at this interval; many jobs queued for GPUs cost the API
 server little."""
 
-FINALIZER_WAIT = float(os.environ.get("RLHF_FINALIZER_WAIT", "2"))
+FINALIZER_WAIT = float(os.environ.get("RLHF_FINALIZER_WAIT", "10"))
 """Seconds a new job's first reconcile waits for kopf's finalizer to land (wake.py): the
-write that would race it is refused anyway. A finalizer that never comes only delays it."""
+write that would race it is refused anyway (two refused writes and two reads per job, seen
+with a thousand jobs applied at once, when kopf's patch took longer than 2 s). The finalizer's
+own watch event ends the wait; one that never comes only delays the job."""
 
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
 """Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
