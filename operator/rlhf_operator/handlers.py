@@ -28,10 +28,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.wakeups = wake.Wakeups()  # shared: every job's memo is a shallow copy of this one
     memo.unseen = unseen.Unseen()  # children created, not yet shown by the watch
     memo.executor = settings.execution.executor  # kopf's pool for sync handlers (WORKERS)
-    # Each job's first reconcile (a new job's cluster creation, a new leader's resume) runs in
-    # a pool of its own: a burst of them never queues ahead of the reactions to children.
+    # Each job's first reconcile runs in a pool of its own, so a burst of them never queues
+    # ahead of the reactions to children: a new job's (its cluster's creation) in one, a job
+    # resumed by a new leader (a thousand at once, most of them finished) in a smaller one,
+    # so that resuming never delays the jobs applied meanwhile.
     memo.first_executor = ThreadPoolExecutor(
         max_workers=operator_settings.WORKERS, thread_name_prefix="rlhf-first-reconcile"
+    )
+    memo.resume_executor = ThreadPoolExecutor(
+        max_workers=operator_settings.RESUME_WORKERS, thread_name_prefix="rlhf-resume"
     )
 
 
@@ -61,8 +66,9 @@ async def start_pool_sweeper(memo: kopf.Memo, warm_pool: kopf.Index, **_: Any) -
 @kopf.on.cleanup()
 async def stop_pool_sweeper(memo: kopf.Memo, **_: Any) -> None:
     await pool_sweeper.stop(memo.get("pool_sweeper"))
-    if memo.get("first_executor") is not None:  # idle: the reconcile loops have ended
-        memo.first_executor.shutdown(wait=True, cancel_futures=True)
+    for pool in (memo.get("first_executor"), memo.get("resume_executor")):
+        if pool is not None:  # idle: the reconcile loops have ended
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @kopf.index(names.RAY_GROUP, names.RAY_VERSION, names.RAYJOBS)
@@ -104,6 +110,7 @@ async def reconcile(
         )
         return memo.unseen.again(uid)
 
+    resumed = bool((body.get("status") or {}).get("phase"))  # started before this loop
     try:
         await wake.reconcile_loop(
             uid,
@@ -114,7 +121,7 @@ async def reconcile(
             resync=operator_settings.RESYNC_INTERVAL,
             error_backoff=operator_settings.ERROR_BACKOFF,
             executor=memo.executor,
-            first_executor=memo.first_executor,
+            first_executor=memo.resume_executor if resumed else memo.first_executor,
             first_after=lambda: wake.guarded(body),
             first_wait=operator_settings.FINALIZER_WAIT,
             latest=lambda: memo.unseen.latest(body),

@@ -31,7 +31,7 @@ A = TypeVar("A")  # a kubernetes.client API class
 
 CORE = ""  # the core API group ("" in RBAC rules)
 REQUEST_TIMEOUT = (5, 30)  # connect, read (seconds): a hung call must not pin a worker thread
-POOL_SIZE = int(os.environ.get("RLHF_API_POOL_SIZE", "32"))
+POOL_SIZE = int(os.environ.get("RLHF_API_POOL_SIZE", "40"))  # >= every reconcile thread
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,20 @@ and Events do not wake a job (wake.py watches only the job and its Ray children)
 waiting for its cluster also wakes at this interval; many jobs queued for GPUs cost the API
 server little."""
 
-FINALIZER_WAIT = float(os.environ.get("RLHF_FINALIZER_WAIT", "10"))
+FINALIZER_WAIT = float(os.environ.get("RLHF_FINALIZER_WAIT", "30"))
 """Seconds a new job's first reconcile waits for kopf's finalizer to land (wake.py): the
-write that would race it is refused anyway (two refused writes and two reads per job, seen
-with a thousand jobs applied at once, when kopf's patch took longer than 2 s). The finalizer's
-own watch event ends the wait; one that never comes only delays the job."""
+write that would race it is refused anyway (a refused write and a read per job, 1.3 per job
+with a thousand jobs applied at once, when kopf's patches took longer than 2 s, and then
+10 s). The finalizer's own watch event ends the wait; one that never comes only delays the
+job."""
 
 WORKERS = int(os.environ.get("RLHF_WORKERS", "16"))
-"""Threads running the (synchronous) reconciles; each API call blocks one for milliseconds."""
+"""Threads running the (synchronous) reconciles; each API call blocks one for milliseconds.
+Twice: reactions to events, and new jobs' first reconciles (handlers.configure)."""
+
+RESUME_WORKERS = int(os.environ.get("RLHF_RESUME_WORKERS", "4"))
+"""Threads running the first reconcile of jobs that started before this operator (a new
+leader resumes every job at once)."""
 
 
 WAKE_HANDLERS = ("job_changed", "raycluster_changed", "rayjob_changed", "progress_changed")
