@@ -24,8 +24,10 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import time
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -77,6 +79,7 @@ class Recorder:
         self.rayjob: dict[str, float] = {}
         self.creates: Counter[tuple[str, str]] = Counter()
         self.requests: Counter[tuple[str, str, str]] = Counter()  # answered < 300, by kind
+        self.refused: Counter[tuple[str, str]] = Counter()  # writes answered 409, by kind
         self.kinds = {resource(r): r for r in (JOBS, RAYCLUSTERS, RAYJOBS)}
         api.recorder = self  # type: ignore[attr-defined]
 
@@ -111,7 +114,13 @@ class RecordingEmulator(FastEmulator):
     recorder: Recorder | None = None
 
     async def _handle(self, request: Any) -> Any:
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except Exception as exc:  # KMock's errors are raised: 409, 404, 422
+            if self.recorder is not None and getattr(exc, "status", None) == 409:
+                plural = request.resource.plural if request.resource is not None else "-"
+                self.recorder.refused[(str(request.action), plural)] += 1
+            raise
         if self.recorder is not None and getattr(response, "status", 500) < 300:
             self.recorder.record(request)
         return response
@@ -140,14 +149,34 @@ def _holder(api: RLHFEmulator) -> str | None:
     return (lease.get("spec") or {}).get("holderIdentity")
 
 
-async def _kubelet(emulated: Any, args: tuple[str, ...], killed: set[str]) -> None:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _reconciles(port: int) -> float:
+    """The replica's reconciles so far (its rlhf_operator_reconciles_total, all phases)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return float("nan")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rlhf_operator_reconciles_total{")
+    )
+
+
+async def _kubelet(emulated: Any, args: dict[str, tuple[str, ...]], killed: set[str]) -> None:
     """Restart a replica that exited by itself (a leader that lost its Lease on a stalled
     machine exits 1 and comes back as a standby), as the kubelet would; never a killed one."""
     names = ["operator", "standby"]
     while True:
         for i, process in enumerate(list(emulated.processes[:2])):
             if process.poll() is not None and names[i] not in killed:
-                emulated.processes[i] = emulated.start_replica(names[i], *args)
+                emulated.processes[i] = emulated.start_replica(names[i], *args[names[i]])
                 emulated.processes.pop()  # start_replica appended it; it replaces slot i
                 emulated.restarts += 1
         await asyncio.sleep(0.5)
@@ -155,7 +184,9 @@ async def _kubelet(emulated: Any, args: tuple[str, ...], killed: set[str]) -> No
 
 async def run(jobs: int, rest: float, timeout: float) -> int:
     election = ("--leader-election", f"--lease-namespace={NAMESPACE}")
-    async with emulated_operator(None, *election, emulator=RecordingEmulator) as emulated:
+    ports = {name: _free_port() for name in ("operator", "standby")}
+    args = {name: (*election, f"--metrics-port={port}") for name, port in ports.items()}
+    async with emulated_operator(None, *args["operator"], emulator=RecordingEmulator) as emulated:
         api = emulated.api
         rec = Recorder(api)
         emulated.restarts = 0
@@ -163,13 +194,14 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
         async with SimulatedKubeRay(api, tick=0.1):
             while _holder(api) != "operator":
                 await asyncio.sleep(0.2)
-            emulated.start_replica("standby", *election)
-            kubelet = asyncio.create_task(_kubelet(emulated, election, killed))
+            emulated.start_replica("standby", *args["standby"])
+            kubelet = asyncio.create_task(_kubelet(emulated, args, killed))
             emulated.stop_first.append(kubelet)  # never restart a replica during teardown
             await asyncio.sleep(5)  # the standby starts and reads the Lease
             names = [f"job-{i:04d}" for i in range(jobs)]
             replicas = [psutil.Process(p.pid) for p in emulated.processes]
             cpu_before = [_cpu_seconds(p) for p in replicas]
+            reconciles_before = {name: _reconciles(port) for name, port in ports.items()}
             bench_cpu = time.process_time()
             start = time.monotonic()
             await asyncio.gather(*(create_job(api, sample_job(n)) for n in names))
@@ -188,6 +220,20 @@ async def run(jobs: int, rest: float, timeout: float) -> int:
             print(
                 f"  CPU per job until all Succeeded: operator replicas {' and '.join(spent)} ms, "
                 f"emulator + simulated KubeRay {emulator_ms:.0f} ms",
+                flush=True,
+            )
+            # a replica restarted meanwhile counts from 0 again: its figure is then a lower bound
+            reconciles = " and ".join(
+                f"{max(0.0, _reconciles(port) - reconciles_before[name]) / jobs:.1f}"
+                for name, port in ports.items()
+            )
+            refused = ", ".join(
+                f"{action.split('.')[-1].lower()} {plural} {n / jobs:.2f}"
+                for (action, plural), n in rec.refused.most_common(4)
+            )
+            print(
+                f"  per job: reconciles by the replicas {reconciles}; writes refused with 409: "
+                f"{refused or 'none'}",
                 flush=True,
             )
 

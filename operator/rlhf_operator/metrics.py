@@ -137,7 +137,8 @@ class OperatorMetrics:
         self._phases: dict[tuple[str, str], str] = {}
         self._last: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._lock = threading.Lock()  # kopf runs handlers concurrently; the phase map is shared
-        self._publish_phases()
+        for phase in PHASES:
+            self.jobs.labels(phase).set(0)
         # Known label values start at 0, so rate() and alerts see a series before the first event.
         for stage in STAGE_ORDER:
             self.stage_retries.labels(stage)
@@ -165,7 +166,13 @@ class OperatorMetrics:
         yet) and writes the same transition again counts nothing twice.
         """
         now = now or datetime.now(UTC)
-        new, body = copy.deepcopy(dict(_wire(new_status))), _wire(job)
+        # a model is dumped into a new dict; a wire dict is the caller's: keep a copy
+        new = (
+            _wire(new_status)
+            if isinstance(new_status, BaseModel)
+            else copy.deepcopy(dict(_wire(new_status)))
+        )
+        body = _wire(job)
         meta = body.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
 
@@ -173,8 +180,7 @@ class OperatorMetrics:
         with self._lock:
             old = self._last.get(key) or _wire(old_status)
             self._last[key] = new
-            self._phases[key] = phase
-            self._publish_phases()
+            self._set_phase(key, phase)
         if is_terminal(phase) and old.get("phase") != phase:
             self.jobs_finished.labels(phase).inc()
 
@@ -216,9 +222,8 @@ class OperatorMetrics:
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop a deleted job from the jobs-by-phase gauge."""
         with self._lock:
-            self._phases.pop((namespace, name), None)
+            self._set_phase((namespace, name), None)
             self._last.pop((namespace, name), None)
-            self._publish_phases()
 
     def observe_reconcile(self, phase: str) -> None:
         """One reconcile of a job in `phase` starts."""
@@ -271,12 +276,18 @@ class OperatorMetrics:
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server
 
-    def _publish_phases(self) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            self.jobs.labels(phase).set(n)
+    def _set_phase(self, key: tuple[str, str], phase: str | None) -> None:
+        """Move one job between phases (None: gone): only the two gauges that change, not a
+        count over every job (a reconcile per event of a thousand jobs would make it O(n²))."""
+        before = self._phases.pop(key, None)
+        if phase is not None:
+            self._phases[key] = phase
+        if before == phase:
+            return
+        if before is not None:
+            self.jobs.labels(before).dec()
+        if phase is not None:
+            self.jobs.labels(phase).inc()
 
 
 def _cluster_ready(status: Mapping[str, Any]) -> bool:

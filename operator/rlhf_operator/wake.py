@@ -159,10 +159,13 @@ async def reconcile_loop(
     resync: float,
     error_backoff: float,
     executor: Executor | None = None,
+    first_executor: Executor | None = None,
     first_after: Callable[[], bool] | None = None,
     first_wait: float = 0.0,
+    latest: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
-    """Run `reconcile` (blocking: in `executor`) now and whenever the job is woken or due.
+    """Run `reconcile` (blocking: in `executor`) now and whenever the job is woken or due,
+    and at once again when it returns True (it asks for another look).
 
     `body` is kopf's live view of the job (kopf keeps it current); the loop ends when kopf
     sets `stopped` (kopf.DaemonStopped: the job is being deleted, or the operator stops),
@@ -174,59 +177,77 @@ async def reconcile_loop(
     `first_wait` seconds) until it holds — kopf adds its finalizer to a new job just as it
     starts this loop, and a decision made on the job read before that write would be refused
     (409) and made again on a fresh read: two API calls per new job, for nothing.
+
+    `first_executor`: where the first reconcile runs (else `executor`), so that a burst of
+    new jobs does not delay the reactions of running ones.
+
+    `latest`: the job as last known, when kopf's view may not show the reconcile's own write
+    yet (its watch event does not wake the loop: handlers.job_changed); the next due instant
+    is read from it.
     """
     meta = body.get("metadata") or {}
     event = wakeups.register(uid, (meta.get("namespace") or "", meta.get("name") or ""))
     loop = asyncio.get_running_loop()
     failures = 0
+    first = True
+    watcher = asyncio.ensure_future(_set_when(stopped, event)) if stopped is not None else None
     try:
         deadline = loop.time() + first_wait
         while first_after is not None and not first_after() and not stopped:
             if loop.time() >= deadline:
                 break
             event.clear()
-            await _sleep(event, stopped, deadline - loop.time())
+            await _sleep(event, deadline - loop.time())
         while not stopped:
             event.clear()  # a change seen during this reconcile wakes the next one
+            pool = first_executor if first and first_executor is not None else executor
+            first = False
             try:
                 # kopf's event poster is reached through context variables: carry them over.
                 context = contextvars.copy_context()
-                await _finish(loop.run_in_executor(executor, context.run, reconcile))
+                again = await _finish(loop.run_in_executor(pool, context.run, reconcile))
             except Exception:
                 failures += 1
                 wait: float | None = min(resync, error_backoff * 2 ** (failures - 1))
                 logger.exception("reconcile of RLHFJob uid %s failed; retrying in %.1fs", uid, wait)
             else:
                 failures = 0
-                wait = sleep_for(body, datetime.now(UTC), resync)
-            await _sleep(event, stopped, wait)
+                job = latest() if latest else body
+                wait = 0 if again is True else sleep_for(job, datetime.now(UTC), resync)
+            if not stopped:
+                await _sleep(event, wait)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         wakeups.forget(uid, event)
 
 
-async def _finish(future: asyncio.Future[Any]) -> None:
+async def _finish(future: asyncio.Future[Any]) -> Any:
     """Await a reconcile running in a thread; cancelled (the job is being deleted, or the
     operator stops), still wait for it: a thread cannot be stopped, and the finalizer or the
     next leader must not act while this one still writes."""
     try:
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await future
         raise
 
 
-async def _sleep(event: asyncio.Event, stopped: Any, timeout: float | None) -> None:
-    """Until `event` is set, `stopped` is set, or `timeout` seconds passed (None: no limit)."""
-    waiters = [asyncio.ensure_future(event.wait())]
-    if stopped is not None:
-        waiters.append(asyncio.ensure_future(_flag(stopped)))
+async def _sleep(event: asyncio.Event, timeout: float | None) -> None:
+    """Until `event` is set or `timeout` seconds passed (None: no limit). A timer sets the
+    event: no task per sleep (a thousand loops sleep and wake at once)."""
+    if timeout is not None and timeout <= 0:
+        return
+    timer = asyncio.get_running_loop().call_later(timeout, event.set) if timeout else None
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await event.wait()
     finally:
-        for waiter in waiters:
-            waiter.cancel()
+        if timer is not None:
+            timer.cancel()
 
 
-async def _flag(stopped: Any) -> None:
+async def _set_when(stopped: Any, event: asyncio.Event) -> None:
+    """Wake the loop when kopf stops it (one waiter per loop, for its whole life)."""
     await stopped.wait()
+    event.set()

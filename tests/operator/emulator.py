@@ -11,7 +11,9 @@ stale, so this subclass adds exactly that, the way the API server does it:
 - a JSON-patch is applied all-or-nothing: a failed `test` op (kopf's own optimistic-concurrency
   check) is refused with 422, as the API server does;
 - a DELETE with `preconditions.resourceVersion` (DeleteOptions) is refused with 409 when stale;
-  marking an object with finalizers for deletion is a write too (new resourceVersion).
+  marking an object with finalizers for deletion is a write too (new resourceVersion);
+- a create is answered 201 Created with the object (KMock says 200, and the kubernetes client
+  reads the body of a create's 201 only: it returns None for a 200).
 
 The check and the write happen under one lock, so two racing writers cannot both pass.
 
@@ -217,6 +219,9 @@ class Emulator(kmock.KubernetesEmulator):
             obj = self._objects[key]
             obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": version}})
             await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Response:
+        return rendering.Response(status=201, payload=await super()._serve_create(request))
 
     def _current(self, request: rendering.Request) -> dict[str, Any] | None:
         if request.name is None:

@@ -30,7 +30,7 @@ async def api() -> AsyncIterator[Emulator]:
 async def _create(api: Emulator, name: str = "c1", **meta: object) -> dict:
     body = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name, **meta}}
     async with api.post(BASE, json=body) as resp:
-        assert resp.status == 200, await resp.text()
+        assert resp.status == 201, await resp.text()  # Created, as the API server answers
         return await resp.json()
 
 

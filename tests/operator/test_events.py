@@ -8,9 +8,12 @@ the event path; these tests set it explicitly, long or short, for what they show
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import kmock
+import kopf
 import pytest
 from kube_sim import (
     HANG,
@@ -79,3 +82,29 @@ async def test_finished_jobs_are_not_reconciled_running_ones_are_resynced(
         await asyncio.sleep(2)
         assert reconciles("Succeeded") == finished  # at rest: nothing runs for it
         assert reconciles("Running") > running  # the slow resync covers running jobs only
+
+
+async def test_each_child_is_created_once_and_kopf_writes_no_diff_base(
+    api: RLHFEmulator, kuberay: SimulatedKubeRay
+) -> None:
+    """A reconcile woken before the watch shows the child it just created (by the job's own
+    status write coming back) counts that child as there: it neither creates it again (a 409
+    per reconcile) nor writes "Creating ..." into status again. And kopf keeps no diff-base on
+    jobs: the operator has no handler that needs one (settings.NoChangeDetection)."""
+    async with OperatorRunner():
+        await create_job(api, sample_job("once"))
+        await eventually(lambda: phase(api, "once") == "Succeeded", timeout=60)
+    creates = Counter(
+        (request.resource.plural, (request.data.get("metadata") or {}).get("name"))
+        for request in api
+        if request.action == kmock.action.CREATE
+        and request.resource is not None
+        and request.resource.plural in (names.RAYCLUSTERS, names.RAYJOBS)
+        and isinstance(request.data, dict)
+    )
+    assert creates and set(creates.values()) == {1}, creates
+    annotations = api.get(JOBS, NS, "once")["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if key.endswith("last-handled-configuration")]
+    registry = kopf.get_default_registry()
+    reasons = {handler.reason for handler in registry._changing.get_all_handlers()}
+    assert reasons <= {kopf.Reason.DELETE}, "a handler that needs kopf's diff-base"

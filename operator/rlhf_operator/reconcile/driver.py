@@ -53,6 +53,7 @@ from rlhf_operator.reconcile.model import (
     RayJobObservation,
     ReleaseCluster,
 )
+from rlhf_operator.reconcile.unseen import Unseen
 from rlhf_operator.validation import validate
 
 logger = logging.getLogger(__name__)
@@ -219,20 +220,26 @@ def reconcile_job(
     now: datetime | None = None,
     pool: Index | None = None,
     reports: Index | None = None,
+    unseen: Unseen | None = None,
 ) -> Decision | None:
     """One reconcile of one RLHFJob (its kopf daemon calls this when woken): the decision
     carried out, or None when none was (the job is gone, or kept changing under it: the next
     tick decides).
 
     `body` is the watch's copy; when a write finds the job changed since (409), the decision is
-    dropped and made again on the job as stored.
+    dropped and made again on the job as stored. `unseen`: the children this operator created
+    that the indexes do not show yet (reconcile/unseen.py); they count as observed, and the
+    ones this reconcile creates are added.
     """
     now = now or datetime.now(UTC)
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace"), meta.get("name")
     for _ in range(1 + CONFLICT_RETRIES):
+        if unseen is not None:
+            clusters = unseen.overlay(names.RAYCLUSTERS, clusters)
+            rayjobs = unseen.overlay(names.RAYJOBS, rayjobs)
         try:
-            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports)
+            return _reconcile_once(body, clusters, rayjobs, post, now, pool, reports, unseen)
         except StaleJob:
             logger.info("RLHFJob %s/%s changed since read; reading it again", namespace, name)
             fresh = kube.get_job(namespace, name)
@@ -251,6 +258,7 @@ def _reconcile_once(
     now: datetime,
     pool: Index | None,
     reports: Index | None = None,
+    unseen: Unseen | None = None,
 ) -> Decision:
     """Decide and carry out, once (`StaleJob` when `body` is older than the stored job).
 
@@ -259,12 +267,12 @@ def _reconcile_once(
     """
     clusters = explain_waiting(body, clusters, now)
     status, decision = decide(body, clusters, rayjobs, now, pool, reports)
-    body, claimed = apply(body, status, decision, post, now)
+    body, claimed = apply(body, status, decision, post, now, unseen)
     if claimed is None:
         return decision
     clusters = {**clusters, (claimed.pool.namespace, claimed.name): (claimed,)}
     status, decision = decide(body, clusters, rayjobs, now, pool, reports)
-    apply(body, status, decision, post, now)
+    apply(body, status, decision, post, now, unseen)
     return decision
 
 
@@ -333,24 +341,42 @@ def apply(
     decision: Decision,
     post: PostEvent,
     now: datetime,
+    unseen: Unseen | None = None,
 ) -> tuple[Mapping[str, Any], ClusterObservation | None]:
     """Carry out a decision: pin, write status, act, announce — in that order.
 
     Returns the job as the API now holds it (the answer to the last write of it, else `body`)
     and the warm cluster this decision claimed, as the API answered (None: no claim).
     Raises `StaleJob`, having done nothing, when `body` is older than the stored job.
+    Its writes of the job and the RayClusters and RayJobs it creates are recorded in `unseen`,
+    when given.
     """
     meta = body["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
+
+    def written(stored: Mapping[str, Any] | None, read: Mapping[str, Any]) -> Mapping[str, Any]:
+        if stored is None:
+            return read
+        if unseen is not None:
+            unseen.job_written(read, stored)
+            writes.append(stored)
+        return stored
+
+    writes: list[Mapping[str, Any]] = []
+    as_decided = True  # every action did what the decision expected (no 409, no lost claim)
+
     for action in decision.actions:
         if isinstance(action, PinSpec):
             pin = {names.ANNOTATION_PINNED_SPEC: action.pinned}
-            body = _unless_stale(kube.annotate_job, namespace, name, pin, _version(body))
-    body = write_status(namespace, name, status, decision.status, body) or body
+            body = written(
+                _unless_stale(kube.annotate_job, namespace, name, pin, _version(body)), body
+            )
+    body = written(write_status(namespace, name, status, decision.status, body), body)
     claimed: ClusterObservation | None = None
     for action in decision.actions:
         try:
-            result = _act(namespace, name, action)
+            done, result = _act(namespace, name, action, unseen)
+            as_decided &= done
             if isinstance(action, ClaimCluster) and result is not None:
                 claimed = kuberay.observe_cluster(result)
         except ApiException as exc:
@@ -365,9 +391,17 @@ def apply(
                 now,
                 meta.get("generation"),
             )
-            body = write_status(namespace, name, decision.status, refused.status, body) or body
+            body = written(
+                write_status(namespace, name, decision.status, refused.status, body), body
+            )
             decision.events.extend(refused.events)
+            as_decided = False
             break
+    if writes and not as_decided and unseen is not None:
+        # The job as written is not what a reconcile of it would decide again (a child at our
+        # name that is not the one we made, a lost claim): decide again, as the write's watch
+        # event would have made it (it does not wake the job: handlers.job_changed).
+        unseen.unsettled(writes[-1])
     for event in decision.events:
         post(body, event)
     return body, claimed
@@ -409,12 +443,26 @@ def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
         raise
 
 
-def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None:
+def _act(
+    namespace: str | None, name: str, action: Any, unseen: Unseen | None = None
+) -> tuple[bool, dict[str, Any] | None]:
+    """Carry out one action: (whether it did what was decided, the claimed cluster if any).
+    A create that finds its child there already (409) or a lost claim did not."""
     match action:
         case CreateCluster(manifest=manifest):
-            kube.create_raycluster(manifest)
+            created, new = kube.create_raycluster(manifest)
+            if unseen is not None and new and created:
+                unseen.created(
+                    names.RAYCLUSTERS, namespace, action.name, kuberay.observe_cluster(created)
+                )
+            elif unseen is not None and not new:
+                unseen.await_change(names.RAYCLUSTERS, namespace, action.name, name)
+            return new, None
         case ClaimCluster(name=cluster, patch=patch):
-            return _claim(namespace, cluster, patch)
+            claimed = _claim(namespace, cluster, patch)
+            if claimed is None and unseen is not None:
+                unseen.await_change(names.RAYCLUSTERS, namespace, cluster, name)
+            return claimed is not None, claimed
         case ReleaseCluster(name=cluster, patch=patch):
             try:
                 kube.patch_raycluster(namespace, cluster, patch)
@@ -426,7 +474,14 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
         case CreateProgress(manifest=manifest):
             kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
-            kube.create_rayjob(manifest)
+            created, new = kube.create_rayjob(manifest)
+            if unseen is not None and new and created:
+                unseen.created(
+                    names.RAYJOBS, namespace, action.name, kuberay.observe_rayjob(created)
+                )
+            elif unseen is not None and not new:
+                unseen.await_change(names.RAYJOBS, namespace, action.name, name)
+            return new, None
         case DeleteCluster(name=cluster):
             kube.delete_raycluster(namespace, cluster)
         case DeleteRayJob(name=rayjob):
@@ -437,7 +492,7 @@ def _act(namespace: str | None, name: str, action: Any) -> dict[str, Any] | None
             pass  # done before the status write
         case _:
             raise TypeError(f"unknown action {action!r}")
-    return None
+    return True, None
 
 
 def _claim(namespace: str | None, cluster: str, patch: dict[str, Any]) -> dict[str, Any] | None:
