@@ -443,6 +443,24 @@ def _unless_stale(write: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
         raise
 
 
+def _record_create(
+    unseen: Unseen | None,
+    child: tuple[str, str | None, str],
+    job: str,
+    created: dict[str, Any] | None,
+    new: bool,
+    observe: Callable[[dict[str, Any]], Any],
+) -> bool:
+    """Remember a create's outcome (`child`: kind, namespace, name): a new child stands in for
+    its watched object until the watch shows it; one found there already (409) makes job `job`
+    await that child's next change. Returns whether the create made it."""
+    if unseen is not None and new and created:
+        unseen.created(*child, observe(created))
+    elif unseen is not None and not new:
+        unseen.await_change(*child, job)
+    return new
+
+
 def _act(
     namespace: str | None, name: str, action: Any, unseen: Unseen | None = None
 ) -> tuple[bool, dict[str, Any] | None]:
@@ -451,13 +469,8 @@ def _act(
     match action:
         case CreateCluster(manifest=manifest):
             created, new = kube.create_raycluster(manifest)
-            if unseen is not None and new and created:
-                unseen.created(
-                    names.RAYCLUSTERS, namespace, action.name, kuberay.observe_cluster(created)
-                )
-            elif unseen is not None and not new:
-                unseen.await_change(names.RAYCLUSTERS, namespace, action.name, name)
-            return new, None
+            child = (names.RAYCLUSTERS, namespace, action.name)
+            return _record_create(unseen, child, name, created, new, kuberay.observe_cluster), None
         case ClaimCluster(name=cluster, patch=patch):
             claimed = _claim(namespace, cluster, patch)
             if claimed is None and unseen is not None:
@@ -475,13 +488,8 @@ def _act(
             kube.create_progress(manifest)
         case CreateRayJob(manifest=manifest):
             created, new = kube.create_rayjob(manifest)
-            if unseen is not None and new and created:
-                unseen.created(
-                    names.RAYJOBS, namespace, action.name, kuberay.observe_rayjob(created)
-                )
-            elif unseen is not None and not new:
-                unseen.await_change(names.RAYJOBS, namespace, action.name, name)
-            return new, None
+            child = (names.RAYJOBS, namespace, action.name)
+            return _record_create(unseen, child, name, created, new, kuberay.observe_rayjob), None
         case DeleteCluster(name=cluster):
             kube.delete_raycluster(namespace, cluster)
         case DeleteRayJob(name=rayjob):
