@@ -5,12 +5,14 @@ built, so none is loaded, trained or checkpointed (`train_loop` checkpoints what
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from rlhf_trainer.jobspec import parse_job
 from rlhf_trainer.stages.ppo import load_models
+from rlhf_trainer.worker import StageWorker
 
 
 def worker_for(tiny_dir: Path, tmp_path: Path, **ppo) -> SimpleNamespace:
@@ -30,13 +32,15 @@ def worker_for(tiny_dir: Path, tmp_path: Path, **ppo) -> SimpleNamespace:
             },
         }
     )
-    return SimpleNamespace(
+    worker = SimpleNamespace(
         job=job,
         use_gpu=False,
         world_size=1,
         is_main=True,
         timed=lambda _name: contextlib.nullcontext(),
     )
+    worker.engine = functools.partial(StageWorker.engine, worker)  # the real model loading
+    return worker
 
 
 @pytest.mark.parametrize(

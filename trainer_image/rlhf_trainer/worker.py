@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,14 @@ from rlhf_trainer.artifacts import (
     Artifact,
     checkpoint_dir_name,
 )
-from rlhf_trainer.engine import load_state, save_pretrained, save_state, select_accelerator
+from rlhf_trainer.engine import (
+    EnginePlan,
+    load_state,
+    plan_engine,
+    save_pretrained,
+    save_state,
+    select_accelerator,
+)
 from rlhf_trainer.jobspec import spec_digest
 from rlhf_trainer.progress import FileSink, ProgressReporter, finite_metrics
 from rlhf_trainer.tensorboard import TENSORBOARD_DIR, TensorBoardSink
@@ -193,6 +200,27 @@ class StageWorker:
                 )
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
+
+    # ------------------------------------------------------------------ models
+
+    def engine(
+        self, hidden_size: int | None, load: Callable[[Any], Any], **trained: Any
+    ) -> tuple[EnginePlan, Any, Any]:
+        """Plan, load (`load(dtype)`, in the spec's precision) and wrap one model: (its plan,
+        the model, its DeepSpeed engine). `trained`: `engine.plan_engine`'s settings of a
+        trained model (learning_rate, micro_batch, ...); without a learning rate it is frozen.
+        Call it model by model: each engine is made before the next model is loaded."""
+        with self.timed("model_load"):
+            plan = plan_engine(
+                self.job.spec.parallelism,
+                use_gpu=self.use_gpu,
+                world_size=self.world_size,
+                hidden_size=hidden_size,
+                **trained,
+            )
+            model = plan.build(lambda: load(plan.dtype))
+        with self.timed("deepspeed_init"):
+            return plan, model, plan.initialize(model)
 
     # ------------------------------------------------------------------ results
 

@@ -69,7 +69,7 @@ def train_loop(config: dict[str, Any]) -> None:
         tokenizer_source,
     )
     from rlhf_trainer.schedule import plan
-    from rlhf_trainer.stages.supervised import held_out_share, stage_engine, train
+    from rlhf_trainer.stages.supervised import held_out_share, train, trained
     from rlhf_trainer.worker import StageWorker, all_sum
 
     worker = StageWorker.start(config)
@@ -92,8 +92,8 @@ def train_loop(config: dict[str, Any]) -> None:
         return model
 
     # Each engine is made before the next copy is loaded (one unwrapped copy at a time).
-    policy = stage_engine(worker, size, sft_copy, stage, schedule)
-    reference = stage_engine(worker, size, sft_copy)  # frozen
+    _, _, policy = worker.engine(size, sft_copy, **trained(stage, schedule))
+    _, _, reference = worker.engine(size, sft_copy)  # frozen
     device = policy.device
 
     def pairs(table, rows: list[int]) -> dict[str, torch.Tensor]:

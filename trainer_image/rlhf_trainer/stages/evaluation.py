@@ -187,7 +187,6 @@ def write_examples(
 def train_loop(config: dict[str, Any]) -> None:
     import torch
 
-    from rlhf_trainer import engine as ds
     from rlhf_trainer.batches import prompt_ids
     from rlhf_trainer.generation import decode
     from rlhf_trainer.models import (
@@ -253,16 +252,10 @@ def train_loop(config: dict[str, Any]) -> None:
         tokenizer = load_tokenizer(*tokenizer_source(job, sft_uri, sft_field))
     models, engines = {}, {}
     for name, (uri, field, load) in loaders.items():  # each engine made before the next load
-        with worker.timed("model_load"):
-            plan = ds.plan_engine(  # frozen: ZeRO-3 shards, any other stage replicates
-                spec.parallelism,
-                use_gpu=worker.use_gpu,
-                world_size=worker.world_size,
-                hidden_size=hidden_size(uri, field, model_revision(job, uri)),
-            )
-            models[name] = plan.build(lambda load=load, plan=plan: load(plan.dtype))
-        with worker.timed("deepspeed_init"):
-            engines[name] = plan.initialize(models[name])
+        # frozen: ZeRO-3 shards, any other stage replicates
+        _, models[name], engines[name] = worker.engine(
+            hidden_size(uri, field, model_revision(job, uri)), load
+        )
     device = engines["sft"].device
 
     def scorer(name: str, uri: str, field: str) -> RewardScorer:

@@ -266,7 +266,6 @@ def load_models(worker: Any, mini_batch: int) -> Models:
     Each model is loaded in the spec's precision and handed to its DeepSpeed engine before the
     next one is loaded, so a worker's host memory never holds more than one model it does not
     need (four fp32 copies of a 6B model would be ~96 GB)."""
-    from rlhf_trainer import engine as ds
     from rlhf_trainer import lora as peft_lora
     from rlhf_trainer.models import (
         disable_dropout,
@@ -297,19 +296,13 @@ def load_models(worker: Any, mini_batch: int) -> Models:
         return model_revision(worker.job, uri)
 
     def load(name: str, uri: str, field: str, build, learning_rate: float | None = None) -> None:
-        """Plan, build and wrap one model (`build(dtype)` loads it)."""
-        with worker.timed("model_load"):
-            plans[name] = plan = ds.plan_engine(
-                spec.parallelism,
-                use_gpu=worker.use_gpu,
-                world_size=worker.world_size,
-                hidden_size=hidden_size(uri, field, revision(uri)),
-                micro_batch=mini_batch,
-                learning_rate=learning_rate,  # None: frozen
-            )
-            modules[name] = plan.build(lambda: build(plan.dtype))
-        with worker.timed("deepspeed_init"):
-            engines[name] = plan.initialize(modules[name])
+        """Plan, build and wrap one model (`build(dtype)` loads it); no learning rate: frozen."""
+        plans[name], modules[name], engines[name] = worker.engine(
+            hidden_size(uri, field, revision(uri)),
+            build,
+            micro_batch=mini_batch,
+            learning_rate=learning_rate,
+        )
 
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(*tokenizer_source(worker.job, policy_uri, policy_field))

@@ -50,7 +50,7 @@ def train_loop(config: dict[str, Any]) -> None:
         tokenizer_source,
     )
     from rlhf_trainer.schedule import plan
-    from rlhf_trainer.stages.supervised import held_out_share, stage_engine, train
+    from rlhf_trainer.stages.supervised import held_out_share, train, trained
     from rlhf_trainer.worker import StageWorker, all_sum
 
     worker = StageWorker.start(config)
@@ -65,12 +65,10 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(*tokenizer_source(worker.job, backbone, field))
         size = hidden_size(backbone, field, revision)
-    engine = stage_engine(
-        worker,
+    _, _, engine = worker.engine(
         size,
         lambda dtype: load_scalar_model(backbone, field, tokenizer.pad_token_id, revision, dtype),
-        stage,
-        schedule,
+        **trained(stage, schedule),
     )
     device = engine.device
 

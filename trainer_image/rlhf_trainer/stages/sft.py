@@ -40,7 +40,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from rlhf_trainer.losses import masked_lm_loss
     from rlhf_trainer.models import hidden_size, load_causal_lm, load_tokenizer, tokenizer_source
     from rlhf_trainer.schedule import plan
-    from rlhf_trainer.stages.supervised import held_out_share, stage_engine, train
+    from rlhf_trainer.stages.supervised import held_out_share, train, trained
     from rlhf_trainer.worker import StageWorker, all_sum
 
     worker = StageWorker.start(config)
@@ -54,12 +54,10 @@ def train_loop(config: dict[str, Any]) -> None:
     with worker.timed("model_load"):
         tokenizer = load_tokenizer(*tokenizer_source(worker.job, base, "spec.model.base"))
         size = hidden_size(base, "spec.model.base", revision)
-    engine = stage_engine(
-        worker,
+    _, _, engine = worker.engine(
         size,
         lambda dtype: load_causal_lm(base, "spec.model.base", revision, dtype),
-        stage,
-        schedule,
+        **trained(stage, schedule),
     )
     device = engine.device
 

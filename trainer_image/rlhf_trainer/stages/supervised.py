@@ -1,7 +1,7 @@
 """What the supervised stages (SFT, the reward model, DPO) share: the held-out check of their
-datasets, their DeepSpeed engines, and the training loop.
+datasets, the engine settings of their trained model, and the training loop.
 
-    engine = stage_engine(worker, size, load, stage=stage, schedule=schedule)  # trained
+    _, _, engine = worker.engine(size, load, **trained(stage, schedule))
     metrics, steps_run = train(worker, engine, stage, schedule, len(split.train), micro, evaluate)
 
 `train` restores the checkpoint to resume from, logs the held-out figures at step 0 (the
@@ -57,38 +57,16 @@ def held_out_share(worker: StageWorker, rows: int) -> list[int]:
     return usable[worker.rank :: worker.world_size]
 
 
-def stage_engine(
-    worker: StageWorker,
-    hidden_size: int,
-    load: Callable[[Any], torch.nn.Module],
-    stage: TrainingSchedule | None = None,
-    schedule: Schedule | None = None,
-):
-    """Plan, load (`load(dtype)`, in the spec's precision) and wrap one model: trained with the
-    stage's learning rate and schedule, or frozen (no `stage`)."""
-    from rlhf_trainer import engine as ds
-
-    trained = {}
-    if stage is not None and schedule is not None:
-        trained = {
-            "micro_batch": schedule.micro_batch,
-            "grad_accum": schedule.grad_accum,
-            "learning_rate": stage.learning_rate,
-            "weight_decay": stage.weight_decay,
-            "total_steps": schedule.total_steps,
-            "warmup_steps": schedule.warmup_steps,
-        }
-    with worker.timed("model_load"):
-        plan = ds.plan_engine(
-            worker.job.spec.parallelism,
-            use_gpu=worker.use_gpu,
-            world_size=worker.world_size,
-            hidden_size=hidden_size,
-            **trained,
-        )
-        model = plan.build(lambda: load(plan.dtype))
-    with worker.timed("deepspeed_init"):
-        return plan.initialize(model)
+def trained(stage: TrainingSchedule, schedule: Schedule) -> dict[str, Any]:
+    """The engine settings of the stage's trained model (`StageWorker.engine`)."""
+    return {
+        "micro_batch": schedule.micro_batch,
+        "grad_accum": schedule.grad_accum,
+        "learning_rate": stage.learning_rate,
+        "weight_decay": stage.weight_decay,
+        "total_steps": schedule.total_steps,
+        "warmup_steps": schedule.warmup_steps,
+    }
 
 
 def train(
